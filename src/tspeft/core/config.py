@@ -1,0 +1,81 @@
+"""`TokenSelectiveConfig`: the settings of the token gate and of the τ rule.
+
+Every field is explained in docs/method.md ("Hyperparameters"); the short version is in the field comments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TokenSelectiveConfig:
+    # Initial threshold τ for every adapted module. 0 keeps every token, which avoids the dead start
+    # (a zero-initialised adapter has r = 0 everywhere, so any τ > 0 would gate everything off forever).
+    tau_init: float = 0.0
+    # None: loss-driven rule (kept fraction found by the loss/sparsity trade-off `sparsity_weight`).
+    # A number in (0, 1]: target mode, the overall kept fraction of real tokens the rule reaches.
+    target_kept: float | None = None
+    # Optimizer steps with τ held at 0 so the adapter can grow before the gate bites.
+    warmup_steps: int = 20
+    # λ: price of one unit of kept fraction, in loss units (loss-driven mode only).
+    sparsity_weight: float = 0.02
+    # η: step size of the proximal step on each module's kept fraction u (kept-fraction units per step).
+    step_size: float = 0.05
+    # β: momentum of the running estimate of ∂L/∂u (the per-step estimate is noisy).
+    slope_momentum: float = 0.9
+    # α: how far τ moves towards the threshold that realises the new u, per step (0 < α ≤ 1).
+    tau_smoothing: float = 0.5
+    # Half-width (in kept-fraction units) of the band of tokens around τ used to estimate ∂L/∂u.
+    band: float = 0.05
+    # Lower bound on each module's kept fraction u, so no module is switched off entirely.
+    min_kept: float = 0.0
+    # Histogram of log10 r used for quantiles (all-reducible across ranks): range and bin count.
+    log10_r_range: tuple[float, float] = (-6.0, 2.0)
+    histogram_bins: int = 512
+    # Bookkeeping filled in by tspeft: the base method ("lora", "dora" or "adapter").
+    base_method: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        def require(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"TokenSelectiveConfig.{name}={getattr(self, name)!r}: {why}")
+
+        finite = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        require(finite(self.tau_init) and self.tau_init >= 0, "tau_init", "must be a finite number >= 0")
+        if self.target_kept is not None:
+            require(finite(self.target_kept) and 0 < self.target_kept <= 1, "target_kept",
+                    "the kept fraction must lie in (0, 1] (or be None for the loss-driven rule)")
+        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", "must be an int >= 0")
+        require(finite(self.sparsity_weight) and self.sparsity_weight >= 0, "sparsity_weight", "must be finite and >= 0")
+        require(finite(self.step_size) and self.step_size > 0, "step_size", "must be finite and > 0")
+        require(finite(self.slope_momentum) and 0 <= self.slope_momentum < 1, "slope_momentum", "must lie in [0, 1)")
+        require(finite(self.tau_smoothing) and 0 < self.tau_smoothing <= 1, "tau_smoothing", "must lie in (0, 1]")
+        require(finite(self.band) and 0 < self.band <= 0.5, "band", "must lie in (0, 0.5]")
+        require(finite(self.min_kept) and 0 <= self.min_kept <= 1, "min_kept", "must lie in [0, 1]")
+        if self.target_kept is not None:
+            require(self.min_kept <= self.target_kept, "min_kept", "must not exceed target_kept")
+        lo_hi = tuple(self.log10_r_range)
+        require(len(lo_hi) == 2 and all(finite(v) for v in lo_hi) and lo_hi[0] < lo_hi[1], "log10_r_range",
+                "must be two finite numbers (low, high) with low < high")
+        self.log10_r_range = (float(lo_hi[0]), float(lo_hi[1]))
+        require(isinstance(self.histogram_bins, int) and self.histogram_bins >= 16, "histogram_bins", "must be an int >= 16")
+        require(self.base_method in (None, "lora", "dora", "adapter"), "base_method",
+                "unknown base method; expected 'lora', 'dora' or 'adapter'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TokenSelectiveConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"TokenSelectiveConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        values = dict(values)
+        if "log10_r_range" in values:
+            values["log10_r_range"] = tuple(values["log10_r_range"])
+        return cls(**values)

@@ -1,0 +1,81 @@
+"""The token gate: one per adapted module.
+
+    h_i = W0 x_i + b + S_i · M(x_i),    S_i = 1( r_i ≥ τ ),    r_i = ‖M(x_i)‖₂ / ‖W0 x_i‖₂
+
+            x_i ──► W0 ──────────────► (+) ──► h_i
+             │                          ▲
+             └──► M (LoRA/DoRA/adapter) ─┤ × S_i    S_i = 1 if ‖M(x_i)‖ / ‖W0 x_i‖ ≥ τ
+                                              (no gradient; τ is set by the τ rule, tau_rule.py)
+
+`TokenGate` decides S from the two per-token norms and keeps the statistics the τ rule needs; the
+hooks in attach.py feed it the norms and apply S. Only real (non-pad) tokens are counted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TokenSelectiveConfig
+
+
+class TokenGate(nn.Module):
+    """τ for one module, its rule state (saved with the adapter) and its running statistics."""
+
+    def __init__(self, config: TokenSelectiveConfig):
+        super().__init__()
+        self.config = config
+        self.tau = nn.Parameter(torch.tensor(float(config.tau_init)), requires_grad=False)
+        # τ-rule state (persistent: saved with the adapter and in Trainer checkpoints).
+        self.register_buffer("kept_target", torch.tensor(1.0))  # u: the module's kept fraction to realise
+        self.register_buffer("loss_slope", torch.tensor(0.0))  # running estimate of ∂L/∂u
+        self.register_buffer("band_low", torch.tensor(0.0))  # tokens with r in [low, high] estimate ∂L/∂u
+        self.register_buffer("band_high", torch.tensor(float("inf")))
+        # Since the last τ update: histogram of log10 r, Σ c_i and count over band tokens, real tokens.
+        self.register_buffer("r_histogram", torch.zeros(config.histogram_bins, dtype=torch.float64), persistent=False)
+        self.register_buffer("band_stats", torch.zeros(3, dtype=torch.float64), persistent=False)
+        # Since the last reset_stats(): kept and real token counts (what `sparsity()` reports).
+        self.register_buffer("kept_counts", torch.zeros(2, dtype=torch.float64), persistent=False)
+        self.collect_rule_stats = True
+
+    @staticmethod
+    def relative_magnitude(update_norm: torch.Tensor, base_norm: torch.Tensor) -> torch.Tensor:
+        """r = ‖M x‖ / ‖W0 x‖ in fp32; a zero base output gives r = 0 for a zero update, else a large finite r."""
+        tiny = torch.finfo(torch.float32).tiny
+        r = update_norm.float() / base_norm.float().clamp_min(tiny)
+        return torch.nan_to_num(r, nan=0.0, posinf=torch.finfo(torch.float32).max)
+
+    def forward(self, r: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """Return the keep mask S (bool, shape of r) and record statistics over real tokens."""
+        keep = r >= self.tau
+        with torch.no_grad():
+            real_r = r if real is None else r[real]
+            self.kept_counts[0] += (real_r >= self.tau).sum()
+            self.kept_counts[1] += real_r.numel()
+            if self.training and self.collect_rule_stats and real_r.numel():
+                lo, hi = self.config.log10_r_range
+                log_r = torch.log10(real_r.clamp(min=10**lo, max=10**hi))
+                self.r_histogram += torch.histc(log_r, self.config.histogram_bins, lo, hi).double()
+                self.band_stats[2] += real_r.numel()
+        return keep
+
+    def in_band(self, r: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """Real tokens whose r lies in the band around τ used to estimate ∂L/∂u."""
+        band = (r >= self.band_low) & (r <= self.band_high)
+        return band if real is None else band & real
+
+    def record_band(self, loss_changes: torch.Tensor) -> None:
+        """Add c_i = ⟨∂L/∂h_i, M(x_i)⟩ of band tokens: the first-order loss change from keeping token i."""
+        self.band_stats[0] += loss_changes.double().sum()
+        self.band_stats[1] += loss_changes.numel()
+
+    def clear_rule_stats(self) -> None:
+        self.r_histogram.zero_()
+        self.band_stats.zero_()
+
+    def kept_fraction(self) -> float | None:
+        kept, real = self.kept_counts.tolist()
+        return kept / real if real else None
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau.item():.4g}, kept_target={self.kept_target.item():.3f}"

@@ -1,0 +1,251 @@
+"""`TSPeftModel`: a peft-adapted model whose adapted modules each carry a `TokenGate`.
+
+    model = get_ts_peft_model(base, LoraConfig(r=8, target_modules=["query", "value"]), TokenSelectiveConfig())
+    ... train; call model.update_thresholds() after every optimizer step (the Trainer callback does) ...
+    model.save_pretrained(folder);  TSPeftModel.from_pretrained(other_base, folder)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Any, Iterator
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora.layer import _ConvNd as LoraConv
+from torch import nn
+
+from . import io
+from .adapter import BottleneckConfig, BottleneckLayer, inject_bottleneck_adapters
+from .attach import LoraDownProjectionHooks, OutputDifferenceHooks, TokenMask
+from .config import TokenSelectiveConfig
+from .gate import TokenGate
+from .tau_rule import update_thresholds
+
+GATE_STATE = ("tau", "kept_target", "loss_slope", "band_low", "band_high")
+
+
+def get_ts_peft_model(model: nn.Module, peft_config: LoraConfig | BottleneckConfig,
+                      ts_config: TokenSelectiveConfig | None = None) -> "TSPeftModel":
+    """Adapt `model` with peft (LoRA, DoRA) or a bottleneck adapter and gate every adapted module."""
+    ts_config = copy.deepcopy(ts_config) if ts_config is not None else TokenSelectiveConfig()
+    if isinstance(peft_config, LoraConfig):
+        ts_config.base_method = "dora" if peft_config.use_dora else "lora"
+        adapted = get_peft_model(model, peft_config)
+    elif isinstance(peft_config, BottleneckConfig):
+        ts_config.base_method = "adapter"
+        inject_bottleneck_adapters(model, peft_config)
+        adapted = model
+    else:
+        raise ValueError(f"unknown base method {type(peft_config).__name__}: tspeft gates LoraConfig "
+                         "(LoRA; DoRA with use_dora=True) and tspeft.BottleneckConfig adapters")
+    return TSPeftModel(adapted, peft_config, ts_config)
+
+
+class TSPeftModel(nn.Module):
+    def __init__(self, model: nn.Module, peft_config: LoraConfig | BottleneckConfig, ts_config: TokenSelectiveConfig):
+        super().__init__()
+        self.model = model
+        self.peft_config, self.ts_config = peft_config, ts_config
+        self.register_buffer("rule_step", torch.tensor(0, dtype=torch.long))
+        self.token_mask = TokenMask()
+        self._mask_pinned = False
+        self.gates: dict[str, TokenGate] = {}
+        self._hooks = []
+        inner = self.get_base_model()
+        for name, module in inner.named_modules():
+            if isinstance(module, (LoraLayer, BottleneckLayer)):
+                gate = TokenGate(ts_config).to(next(module.parameters()).device)
+                module.ts_gate = gate  # a child module, so τ shows up in state_dict()/named_parameters()
+                self.gates[name] = gate
+                self._hooks.append(self._attach(module, gate))
+        self._hooks.append(inner.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+        self._hooks.append(inner.register_forward_hook(lambda *_: self._set_mask(None)))
+
+    def _attach(self, module: nn.Module, gate: TokenGate):
+        if isinstance(module, BottleneckLayer):
+            return OutputDifferenceHooks(module, gate, self.token_mask)
+        if len(module.active_adapters) != 1:
+            raise ValueError(f"tspeft gates exactly one active adapter per module, found {module.active_adapters}")
+        adapter = module.active_adapters[0]
+        plain_lora = (isinstance(module, LoraLinear) and adapter not in module.lora_variant
+                      and not module.lora_bias.get(adapter, False))
+        if plain_lora:
+            return LoraDownProjectionHooks(module, adapter, gate, self.token_mask)
+        return OutputDifferenceHooks(module, gate, self.token_mask, feature_dim=1 if isinstance(module, LoraConv) else -1)
+
+    # ----- real-token mask -------------------------------------------------------------------------------------
+    def _set_mask(self, mask: torch.Tensor | None) -> None:
+        if not self._mask_pinned:
+            self.token_mask.mask = mask if mask is None or mask.dim() == 2 else None
+
+    def _capture_mask(self, module, args, kwargs):
+        self._set_mask(kwargs.get("attention_mask"))
+
+    @contextlib.contextmanager
+    def real_tokens(self, mask: torch.Tensor) -> Iterator[None]:
+        """For models without an `attention_mask` argument: `with model.real_tokens(mask): model(x)`."""
+        self._set_mask(mask)
+        self._mask_pinned = True
+        try:
+            yield
+        finally:
+            self._mask_pinned = False
+            self._set_mask(None)
+
+    # ----- forwarding ------------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    # ----- the τ rule and statistics ---------------------------------------------------------------------------
+    def update_thresholds(self, all_reduce=None) -> None:
+        """One τ-rule step (call after each optimizer step). Under torch.distributed, statistics are summed over ranks."""
+        self.rule_step += 1
+        if all_reduce is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            all_reduce = _distributed_sum
+        update_thresholds(list(self.gates.values()), self.ts_config, int(self.rule_step), all_reduce)
+
+    def sparsity(self) -> dict[str, float | None]:
+        """Kept fraction of real tokens per module since the last `reset_stats()` (None: no token seen)."""
+        return {name: gate.kept_fraction() for name, gate in self.gates.items()}
+
+    def kept_fraction(self) -> float | None:
+        """Overall kept fraction of real token updates since the last `reset_stats()`."""
+        kept, real = torch.stack([g.kept_counts for g in self.gates.values()]).sum(0).tolist()
+        return kept / real if real else None
+
+    def thresholds(self) -> dict[str, float]:
+        return {name: float(gate.tau) for name, gate in self.gates.items()}
+
+    def kept_targets(self) -> dict[str, float]:
+        """The τ rule's per-module kept fraction u (what τ is steered to realise)."""
+        return {name: float(gate.kept_target) for name, gate in self.gates.items()}
+
+    def loss_slopes(self) -> dict[str, float]:
+        """Running estimate of ∂L/∂u per module (> 0: keeping more tokens raises the loss)."""
+        return {name: float(gate.loss_slope) for name, gate in self.gates.items()}
+
+    def reset_stats(self) -> None:
+        for gate in self.gates.values():
+            gate.kept_counts.zero_()
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    # ----- merging ---------------------------------------------------------------------------------------------
+    def merge_and_unload(self, accept_ungated: bool = False) -> nn.Module:
+        if not accept_ungated:
+            raise RuntimeError("a token-selective adapter cannot be folded into W0: the merged weights would apply "
+                               "the update at every token. Call merge_and_unload(accept_ungated=True) to drop the gate.")
+        if self.ts_config.base_method == "adapter":
+            raise ValueError("a bottleneck adapter is nonlinear and cannot be merged into the base weights")
+        self._remove_gates()
+        return self.model.merge_and_unload()
+
+    def _remove_gates(self) -> None:
+        for hooks in self._hooks:
+            hooks.remove()
+        self._hooks = []
+        for name in self.gates:
+            del self.get_base_model().get_submodule(name).ts_gate
+        self.gates = {}
+
+    # ----- files -----------------------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        if isinstance(self.model, PeftModel):
+            return get_peft_model_state_dict(self.model)
+        return {k: v for k, v in self.model.state_dict().items() if _is_bottleneck_key(k, self.peft_config)}
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        tensors = {f"adapter.{k}": v for k, v in self.adapter_state_dict().items()}
+        for name, gate in self.gates.items():
+            tensors.update({f"gate.{name}.{field}": getattr(gate, field).reshape(1) for field in GATE_STATE})
+        tensors["gate.rule_step"] = self.rule_step.reshape(1)
+        base = self.get_base_model()
+        manifest = {
+            "library": "tspeft",
+            "base_method": self.ts_config.base_method,
+            "ts_config": self.ts_config.to_dict(),
+            "peft_config": self.peft_config.to_dict(),
+            "gated_modules": list(self.gates),
+            "base_model_class": type(base).__name__,
+            "base_model_name_or_path": getattr(getattr(base, "config", None), "_name_or_path", None),
+        }
+        io.write_adapter_folder(folder, tensors, manifest)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, folder: str | os.PathLike, is_trainable: bool = False) -> "TSPeftModel":
+        manifest, tensors = io.read_adapter_folder(folder)
+        ts_config = TokenSelectiveConfig.from_dict(manifest["ts_config"])
+        peft_values = dict(manifest["peft_config"])
+        if manifest["base_method"] == "adapter":
+            peft_config = BottleneckConfig.from_dict(peft_values)
+        else:
+            peft_config = PeftConfig.from_peft_type(**peft_values)
+            peft_config.inference_mode = not is_trainable
+        ts_model = get_ts_peft_model(model, peft_config, ts_config)
+        missing = sorted(set(manifest["gated_modules"]) ^ set(ts_model.gates))
+        if missing:
+            raise ValueError(f"{folder}: the adapted modules do not match this base model "
+                             f"({type(model).__name__}); differing: {missing[:5]}")
+        adapter = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+        ts_model._load_adapter_weights(adapter, folder)
+        with torch.no_grad():
+            for name, gate in ts_model.gates.items():
+                for field in GATE_STATE:
+                    getattr(gate, field).copy_(tensors[f"gate.{name}.{field}"].reshape(()))
+            ts_model.rule_step.copy_(tensors["gate.rule_step"].reshape(()))
+        if not is_trainable:
+            ts_model.eval()
+            for parameter in ts_model.parameters():
+                parameter.requires_grad_(False)
+        return ts_model
+
+    def _load_adapter_weights(self, weights: dict[str, torch.Tensor], folder) -> None:
+        if isinstance(self.model, PeftModel):
+            expected = get_peft_model_state_dict(self.model)
+        else:
+            expected = self.adapter_state_dict()
+        mismatched = [f"{k}: saved {tuple(weights[k].shape)}, model {tuple(v.shape)}"
+                      for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+        absent = sorted(set(expected) ^ set(weights))
+        if mismatched or absent:
+            raise ValueError(f"{folder}: the saved adapter weights do not fit this base model "
+                             f"({type(self.get_base_model()).__name__}): " + "; ".join(mismatched[:3] + absent[:3]))
+        if isinstance(self.model, PeftModel):
+            set_peft_model_state_dict(self.model, weights)
+        else:
+            self.model.load_state_dict(weights, strict=False)
+
+
+def _is_bottleneck_key(key: str, config: BottleneckConfig) -> bool:
+    if ".adapter_down." in key or ".adapter_up." in key:
+        return True
+    return any(f"{m}." in f".{key}" for m in (config.modules_to_save or []))
+
+
+def _distributed_sum(tensor: torch.Tensor) -> torch.Tensor:
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    reduced = tensor.to(device)
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
+    return reduced
