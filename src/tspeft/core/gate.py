@@ -37,6 +37,8 @@ class TokenGate(nn.Module):
         # Since the last reset_stats(): kept and real token counts (what `sparsity()` reports).
         self.register_buffer("kept_counts", torch.zeros(2, dtype=torch.float64), persistent=False)
         self.collect_rule_stats = True
+        self.record_keep_mask = False  # analysis: keep the last forward's mask in `last_keep_mask`
+        self.last_keep_mask: torch.Tensor | None = None
 
     @staticmethod
     def relative_magnitude(update_norm: torch.Tensor, base_norm: torch.Tensor) -> torch.Tensor:
@@ -48,6 +50,8 @@ class TokenGate(nn.Module):
     def forward(self, r: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
         """Return the keep mask S (bool, shape of r) and record statistics over real tokens."""
         keep = r >= self.tau
+        if self.record_keep_mask:
+            self.last_keep_mask = keep.detach().cpu()
         with torch.no_grad():
             real_r = r if real is None else r[real]
             self.kept_counts[0] += (real_r >= self.tau).sum()
