@@ -135,6 +135,16 @@ class TSPeftModel(nn.Module):
     def thresholds(self) -> dict[str, float]:
         return {name: float(gate.tau) for name, gate in self.gates.items()}
 
+    def set_thresholds(self, tau: float | dict[str, float]) -> None:
+        """Set τ by hand (one value, or {module: value}); +inf drops every update. The τ rule may move it again."""
+        values = tau if isinstance(tau, dict) else {name: tau for name in self.gates}
+        for name, value in values.items():
+            if name not in self.gates:
+                raise KeyError(f"set_thresholds: no gated module named {name!r}; known: {list(self.gates)[:5]}...")
+            if not (float(value) >= 0):  # also rejects NaN
+                raise ValueError(f"set_thresholds: τ for {name!r} must be >= 0, got {value!r}")
+            self.gates[name].tau.fill_(float(value))
+
     def kept_targets(self) -> dict[str, float]:
         """The τ rule's per-module kept fraction u (what τ is steered to realise)."""
         return {name: float(gate.kept_target) for name, gate in self.gates.items()}

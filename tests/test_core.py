@@ -1,0 +1,340 @@
+"""Core gate, τ rule and adapter files, on tiny custom models and tiny random transformers models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from tspeft import BottleneckConfig, TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
+from tspeft.core.adapter import inject_bottleneck_adapters
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int = 12):
+        super().__init__()
+        self.lin0 = nn.Linear(d, 2 * d)
+        self.act = nn.ReLU()
+        self.lin1 = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return self.lin1(self.act(self.lin0(x)))
+
+
+def tiny_bert() -> nn.Module:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=32, num_labels=2)
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def lora(targets, dora=False, **kw):
+    return LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=dora, **kw)
+
+
+# name -> (base model factory, peft config factory, inputs factory)
+CASES = {
+    "mlp-lora": (MLP, lambda: lora(["lin0", "lin1"]), lambda: {"x": torch.randn(3, 5, 12)}),
+    "mlp-dora": (MLP, lambda: lora(["lin0", "lin1"], dora=True), lambda: {"x": torch.randn(3, 5, 12)}),
+    "mlp-2d-lora": (MLP, lambda: lora(["lin0"]), lambda: {"x": torch.randn(7, 12)}),
+    "mlp-4d-lora": (MLP, lambda: lora(["lin1"]), lambda: {"x": torch.randn(2, 3, 4, 12)}),
+    "bert-lora": (tiny_bert, lambda: lora(["query", "value", "dense"]),
+                  lambda: {"input_ids": torch.randint(1, 50, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}),
+    "bert-dora": (tiny_bert, lambda: lora(["query", "key"], dora=True),
+                  lambda: {"input_ids": torch.randint(1, 50, (2, 9))}),
+    "llama-lora": (tiny_llama, lambda: lora(["q_proj", "v_proj", "o_proj"]),
+                   lambda: {"input_ids": torch.randint(1, 50, (2, 7))}),
+    "llama-dora": (tiny_llama, lambda: lora(["q_proj", "down_proj"], dora=True),
+                   lambda: {"input_ids": torch.randint(1, 50, (2, 7))}),
+}
+
+
+def output_of(result):
+    return result.logits if hasattr(result, "logits") else result
+
+
+def gated_and_reference(case):
+    """A TS model and the ungated reference (plain peft, or the plain bottleneck adapter) with equal weights."""
+    make_base, make_config, make_inputs = CASES[case]
+    torch.manual_seed(1)
+    base = make_base()
+    reference = get_peft_model(copy.deepcopy(base), make_config())
+    ts_model = get_ts_peft_model(copy.deepcopy(base), make_config(), TokenSelectiveConfig())
+    set_peft_model_state_dict(ts_model.model, get_peft_model_state_dict(reference))
+    torch.manual_seed(2)
+    return ts_model.eval(), reference.eval(), make_inputs()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tau_zero_matches_peft_and_tau_inf_matches_base(case):
+    ts_model, reference, inputs = gated_and_reference(case)
+    with torch.no_grad():
+        expected = output_of(reference(**inputs))
+        assert torch.allclose(output_of(ts_model(**inputs)), expected, atol=1e-6, rtol=0)
+        assert ts_model.kept_fraction() == 1.0
+        ts_model.set_thresholds(math.inf)
+        with reference.disable_adapter():
+            base = output_of(reference(**inputs))
+        assert torch.equal(output_of(ts_model(**inputs)), base)
+
+
+def test_bottleneck_adapter_gate_matches_ungated_adapter_and_base():
+    torch.manual_seed(0)
+    config = BottleneckConfig(target_modules=["lin0", "lin1"], bottleneck_size=3)
+    plain = MLP()
+    base = copy.deepcopy(plain)
+    inject_bottleneck_adapters(plain, config)
+    for name, parameter in plain.named_parameters():
+        if "adapter_up" in name:
+            nn.init.normal_(parameter)
+    ts_model = get_ts_peft_model(copy.deepcopy(base), config, TokenSelectiveConfig())
+    ts_model.model.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(4, 6, 12)
+    with torch.no_grad():
+        assert torch.allclose(ts_model(x), plain(x), atol=1e-6, rtol=0)
+        ts_model.set_thresholds(math.inf)
+        assert torch.equal(ts_model(x), base(x))
+
+
+@pytest.mark.parametrize("case", ["mlp-lora", "mlp-dora"])
+def test_adapter_gets_gradient_only_through_kept_tokens(case):
+    ts_model, _, inputs = gated_and_reference(case)
+    x = inputs["x"]
+    ts_model.train()
+    with torch.no_grad():
+        ts_model(x)
+    ts_model.set_thresholds(math.inf)
+    ts_model(x).sum().backward()
+    grads = [p.grad for n, p in ts_model.named_parameters() if p.requires_grad]
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads), "dropped tokens must not train the adapter"
+    ts_model.zero_grad()
+    ts_model.set_thresholds(0.0)
+    ts_model(x).sum().backward()
+    assert any(g is not None and torch.count_nonzero(g) > 0 for g in (p.grad for p in ts_model.parameters()))
+
+
+def regression_setup(helpful: bool, ts_config: TokenSelectiveConfig):
+    """Base layer plus a random LoRA update M; the target is base + 2M (keeping helps) or base − M (it hurts)."""
+    torch.manual_seed(0)
+    model = get_ts_peft_model(nn.Sequential(nn.Linear(16, 16)), lora(["0"]), ts_config)
+    x = torch.randn(8, 10, 16)
+    with torch.no_grad():
+        adapted = model(x)
+        with model.model.disable_adapter():
+            base = model(x)
+    return model, x, base + (2 if helpful else -1) * (adapted - base)
+
+
+@pytest.mark.parametrize("helpful", [True, False])
+def test_surrogate_gradient_sign_and_tau_nonnegative(helpful):
+    model, x, target = regression_setup(helpful, TokenSelectiveConfig(warmup_steps=0, sparsity_weight=0.0))
+    model.train()
+    for _ in range(5):
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        model.update_thresholds()
+        model.zero_grad()
+    slope = model.loss_slopes()["0"]
+    tau = model.thresholds()["0"]
+    assert tau >= 0
+    if helpful:  # keeping the updates lowers the loss: ∂L/∂u < 0, so u stays at 1 and τ at 0
+        assert slope < 0 and model.kept_targets()["0"] == 1.0 and tau == 0.0
+    else:  # dropping them lowers the loss: ∂L/∂u > 0, u falls and τ rises
+        assert slope > 0 and model.kept_targets()["0"] < 1.0 and tau > 0
+
+
+@pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
+def test_target_mode_reaches_requested_kept_fraction(target):
+    torch.manual_seed(0)
+    model = get_ts_peft_model(MLP(), LoraConfig(r=4, target_modules=["lin0", "lin1"]),
+                              TokenSelectiveConfig(target_kept=target, warmup_steps=10))
+    teacher = nn.Linear(12, 12)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(80):
+        x = torch.randn(16, 8, 12)
+        loss = nn.functional.mse_loss(model(x), teacher(x).detach())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.update_thresholds()
+        if step == 59:
+            model.reset_stats()
+    assert abs(model.kept_fraction() - target) <= 0.05
+    assert all(t > 0 for t in model.thresholds().values())
+
+
+def test_pad_tokens_do_not_change_statistics_or_tau():
+    def run(pad: int):
+        torch.manual_seed(0)
+        model = get_ts_peft_model(MLP(), lora(["lin0", "lin1"]), TokenSelectiveConfig(target_kept=0.5, warmup_steps=0))
+        torch.manual_seed(3)
+        real = torch.randn(4, 6, 12)
+        garbage = 1e3 * torch.randn(4, pad, 12)  # pad positions with wild activations must not count
+        x = torch.cat([real, garbage], 1)
+        mask = torch.cat([torch.ones(4, 6), torch.zeros(4, pad)], 1)
+        model.train()
+        with model.real_tokens(mask):
+            model(x)[:, :6].pow(2).mean().backward()
+        model.update_thresholds()
+        return model.sparsity(), model.thresholds(), [g.kept_counts[1].item() for g in model.gates.values()]
+
+    no_pad, padded = run(0), run(5)
+    assert no_pad[2] == padded[2] == [24.0, 24.0]
+    assert no_pad[0] == padded[0]
+    assert no_pad[1] == pytest.approx(padded[1], rel=1e-6)
+
+
+def test_attention_mask_is_used_by_transformers_models():
+    model = get_ts_peft_model(tiny_bert(), lora(["query"]), TokenSelectiveConfig())
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 50, (2, 5)), attention_mask=mask)
+    assert [g.kept_counts[1].item() for g in model.gates.values()] == [8.0, 8.0]
+
+
+@pytest.mark.parametrize("case", ["mlp-lora", "mlp-dora", "bert-lora", "llama-dora"])
+def test_save_load_roundtrip_is_bit_identical(case, tmp_path):
+    ts_model, _, inputs = gated_and_reference(case)
+    ts_model.set_thresholds({name: 0.05 * (i + 1) for i, name in enumerate(ts_model.gates)})
+    ts_model.save_pretrained(tmp_path / "adapter")
+    make_base = CASES[case][0]
+    torch.manual_seed(1)  # the same frozen base as gated_and_reference's
+    loaded = TSPeftModel.from_pretrained(make_base(), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(output_of(loaded(**inputs)), output_of(ts_model(**inputs)))
+    assert loaded.thresholds() == ts_model.thresholds()
+    assert not any(p.requires_grad for p in loaded.parameters())
+    torch.manual_seed(1)
+    trainable = TSPeftModel.from_pretrained(make_base(), tmp_path / "adapter", is_trainable=True)
+    assert any(p.requires_grad for p in trainable.parameters())
+
+
+def test_bottleneck_save_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    config = BottleneckConfig(target_modules=["lin1"], bottleneck_size=4)
+    model = get_ts_peft_model(MLP(), config, TokenSelectiveConfig())
+    nn.init.normal_(model.get_base_model().lin1.adapter_up.weight)
+    model.set_thresholds(0.1)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = TSPeftModel.from_pretrained(MLP(), tmp_path)
+    x = torch.randn(3, 4, 12)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_loading_into_mismatched_base_fails_clearly(tmp_path):
+    model = get_ts_peft_model(MLP(12), lora(["lin0"]), TokenSelectiveConfig())
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="do not fit this base model"):
+        TSPeftModel.from_pretrained(MLP(20), tmp_path)
+    with pytest.raises(ValueError, match="adapted modules do not match|matched no|not found"):
+        TSPeftModel.from_pretrained(nn.Sequential(nn.Linear(12, 12)), tmp_path)
+
+
+def test_plain_peft_refuses_the_folder_loudly(tmp_path):
+    model = get_ts_peft_model(MLP(), lora(["lin0"]), TokenSelectiveConfig())
+    model.save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="token-selective adapter"):
+        PeftModel.from_pretrained(MLP(), tmp_path)
+
+
+def test_corrupt_or_truncated_weights_give_clear_error(tmp_path):
+    model = get_ts_peft_model(MLP(), lora(["lin0"]), TokenSelectiveConfig())
+    model.save_pretrained(tmp_path)
+    weights = next(tmp_path.glob("ts_adapter-*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        TSPeftModel.from_pretrained(MLP(), tmp_path)
+    (tmp_path / "ts_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        TSPeftModel.from_pretrained(MLP(), tmp_path)
+    with pytest.raises(ValueError, match="not a tspeft adapter folder"):
+        TSPeftModel.from_pretrained(MLP(), tmp_path / "missing")
+
+
+def test_resave_replaces_weights_and_keeps_one_file(tmp_path):
+    model = get_ts_peft_model(MLP(), lora(["lin0"]), TokenSelectiveConfig())
+    model.save_pretrained(tmp_path)
+    model.set_thresholds(0.3)
+    model.save_pretrained(tmp_path)
+    assert len(list(tmp_path.glob("ts_adapter-*.safetensors"))) == 1
+    assert json.loads((tmp_path / "ts_config.json").read_text())["base_method"] == "lora"
+    assert TSPeftModel.from_pretrained(MLP(), tmp_path).thresholds()["lin0"] == pytest.approx(0.3)
+
+
+def test_merge_refuses_unless_gate_dropping_is_accepted():
+    model = get_ts_peft_model(MLP(), lora(["lin0"]), TokenSelectiveConfig())
+    x = torch.randn(2, 12)
+    dense = model(x)
+    with pytest.raises(RuntimeError, match="cannot be folded"):
+        model.merge_and_unload()
+    merged = model.merge_and_unload(accept_ungated=True)
+    assert not any("ts_gate" in n for n, _ in merged.named_modules())
+    assert torch.allclose(merged(x), dense, atol=1e-5)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("tau_init", -0.1, "tau_init"), ("tau_init", float("nan"), "tau_init"), ("tau_init", float("inf"), "tau_init"),
+    ("target_kept", 0.0, "target_kept"), ("target_kept", 1.5, "target_kept"), ("target_kept", float("nan"), "target_kept"),
+    ("step_size", 0.0, "step_size"), ("band", 0.9, "band"),
+])
+def test_bad_config_values_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TokenSelectiveConfig(**{field: value})
+
+
+def test_unknown_base_method_and_unmatched_targets():
+    from peft import IA3Config
+
+    with pytest.raises(ValueError, match="unknown base method IA3Config"):
+        get_ts_peft_model(MLP(), IA3Config(target_modules=["lin0"], feedforward_modules=[]), TokenSelectiveConfig())
+    with pytest.raises(ValueError, match="nothing_here"):
+        get_ts_peft_model(MLP(), lora(["nothing_here"]), TokenSelectiveConfig())
+    with pytest.raises(ValueError, match="matched no"):
+        get_ts_peft_model(MLP(), BottleneckConfig(target_modules=["nothing_here"]), TokenSelectiveConfig())
+    with pytest.raises(ValueError, match="must be >= 0"):
+        get_ts_peft_model(MLP(), lora(["lin0"])).set_thresholds(-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["mlp-lora", "mlp-dora"])
+def test_edge_inputs_give_finite_outputs_and_statistics(dtype, case):
+    ts_model, _, _ = gated_and_reference(case)
+    ts_model = ts_model.to(dtype).train()
+    cases = [torch.zeros(0, 12), torch.zeros(2, 1, 12), torch.randn(3, 1, 12), 300 * torch.randn(2, 4, 12)]
+    for x in cases:
+        out = ts_model(x.to(dtype))
+        assert torch.isfinite(out).all()
+        out.float().sum().backward()
+    all_pad = torch.randn(2, 3, 12).to(dtype)
+    with ts_model.real_tokens(torch.zeros(2, 3)):
+        assert torch.isfinite(ts_model(all_pad)).all()
+    ts_model.update_thresholds()
+    assert all(math.isfinite(t) and t >= 0 for t in ts_model.thresholds().values())
+    assert all(v is None or 0 <= v <= 1 for v in ts_model.sparsity().values())
+
+
+def test_generation_with_kv_cache_counts_real_tokens():
+    torch.manual_seed(0)
+    model = get_ts_peft_model(tiny_llama(), lora(["q_proj", "v_proj"]), TokenSelectiveConfig())
+    model.set_thresholds(0.02)
+    ids = torch.randint(1, 50, (1, 5))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == 9
+    # 5 prompt tokens + 3 decoding steps of one token each reach every gated module
+    assert {g.kept_counts[1].item() for g in model.gates.values()} == {8.0}
