@@ -338,3 +338,19 @@ def test_generation_with_kv_cache_counts_real_tokens():
     assert out.shape[1] == 9
     # 5 prompt tokens + 3 decoding steps of one token each reach every gated module
     assert {g.kept_counts[1].item() for g in model.gates.values()} == {8.0}
+
+
+def test_generate_with_kv_cache_matches_stepwise_gated_forward():
+    torch.manual_seed(0)
+    model = get_ts_peft_model(tiny_llama(), lora(["q_proj", "k_proj", "v_proj", "o_proj"]), TokenSelectiveConfig())
+    ids = torch.randint(1, 50, (2, 6))
+    with torch.no_grad():
+        model(input_ids=ids)
+        model.set_thresholds({name: float(torch.rand(())) * 0.2 for name in model.gates})
+        cached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        stepwise = ids
+        for _ in range(6):  # full forward each step, no cache
+            logits = model(input_ids=stepwise, attention_mask=torch.ones_like(stepwise), use_cache=False).logits
+            stepwise = torch.cat([stepwise, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert 0 < model.kept_fraction() < 1, "the thresholds must actually drop some tokens for this test to mean anything"
+    assert torch.equal(cached, stepwise)
