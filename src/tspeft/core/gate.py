@@ -52,6 +52,8 @@ class TokenGate(nn.Module):
         keep = r >= self.tau
         if self.record_keep_mask:
             self.last_keep_mask = keep.detach().cpu()
+        if torch._C._current_graph_task_id() != -1:
+            return keep  # recomputation inside backward (activation checkpointing): already counted
         with torch.no_grad():
             real_r = r if real is None else r[real]
             self.kept_counts[0] += (real_r >= self.tau).sum()
