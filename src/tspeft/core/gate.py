@@ -34,8 +34,8 @@ class TokenGate(nn.Module):
         # Since the last τ update: histogram of log10 r, Σ c_i and count over band tokens, real tokens.
         self.register_buffer("r_histogram", torch.zeros(config.histogram_bins, dtype=torch.float64), persistent=False)
         self.register_buffer("band_stats", torch.zeros(3, dtype=torch.float64), persistent=False)
-        # Since the last reset_stats(): kept and real token counts (what `sparsity()` reports).
-        self.register_buffer("kept_counts", torch.zeros(2, dtype=torch.float64), persistent=False)
+        # Since the last reset_stats(): kept count, real count, Σ r over real tokens (what `sparsity()` reports).
+        self.register_buffer("kept_counts", torch.zeros(3, dtype=torch.float64), persistent=False)
         self.collect_rule_stats = True
         self.record_keep_mask = False  # analysis: keep the last forward's mask in `last_keep_mask`
         self.last_keep_mask: torch.Tensor | None = None
@@ -58,6 +58,7 @@ class TokenGate(nn.Module):
             real_r = r if real is None else r[real]
             self.kept_counts[0] += (real_r >= self.tau).sum()
             self.kept_counts[1] += real_r.numel()
+            self.kept_counts[2] += real_r.double().sum()
             if self.training and self.collect_rule_stats and real_r.numel():
                 lo, hi = self.config.log10_r_range
                 log_r = torch.log10(real_r.clamp(min=10**lo, max=10**hi))
@@ -80,8 +81,12 @@ class TokenGate(nn.Module):
         self.band_stats.zero_()
 
     def kept_fraction(self) -> float | None:
-        kept, real = self.kept_counts.tolist()
+        kept, real, _ = self.kept_counts.tolist()
         return kept / real if real else None
+
+    def mean_relative_magnitude(self) -> float | None:
+        _, real, r_sum = self.kept_counts.tolist()
+        return r_sum / real if real else None
 
     def extra_repr(self) -> str:
         return f"tau={self.tau.item():.4g}, kept_target={self.kept_target.item():.3f}"

@@ -129,7 +129,7 @@ class TSPeftModel(nn.Module):
 
     def kept_fraction(self) -> float | None:
         """Overall kept fraction of real token updates since the last `reset_stats()`."""
-        kept, real = torch.stack([g.kept_counts for g in self.gates.values()]).sum(0).tolist()
+        kept, real, _ = torch.stack([g.kept_counts for g in self.gates.values()]).sum(0).tolist()
         return kept / real if real else None
 
     def thresholds(self) -> dict[str, float]:
@@ -152,6 +152,16 @@ class TSPeftModel(nn.Module):
     def loss_slopes(self) -> dict[str, float]:
         """Running estimate of ∂L/∂u per module (> 0: keeping more tokens raises the loss)."""
         return {name: float(gate.loss_slope) for name, gate in self.gates.items()}
+
+    def reduce_stats(self, all_reduce=None) -> None:
+        """Sum the kept/real token counts over ranks (every rank must call this), so `sparsity()` is global."""
+        if all_reduce is None:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                return
+            all_reduce = _distributed_sum
+        counts = all_reduce(torch.stack([g.kept_counts for g in self.gates.values()]))
+        for gate, reduced in zip(self.gates.values(), counts.to(next(iter(self.gates.values())).kept_counts.device)):
+            gate.kept_counts.copy_(reduced)
 
     def reset_stats(self) -> None:
         for gate in self.gates.values():
