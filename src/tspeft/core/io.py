@@ -40,13 +40,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(temporary path) in path's folder, fsync, then rename over `path`: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -66,13 +70,13 @@ def write_adapter_folder(folder: str | os.PathLike, tensors: dict[str, torch.Ten
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     staging = folder / ".ts_adapter.staging.safetensors"
-    _atomic_write(staging, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(staging, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     sha = _sha256(staging)
     weights_name = f"ts_adapter-{sha[:12]}.safetensors"
     os.replace(staging, folder / weights_name)
     manifest = {**manifest, "format_version": FORMAT_VERSION, "weights_file": weights_name, "weights_sha256": sha}
-    _atomic_write(folder / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(PEFT_STUB, indent=2)))
-    _atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2, default=_jsonable)))
+    atomic_write(folder / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(PEFT_STUB, indent=2)))
+    atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2, default=_jsonable)))
     _fsync_dir(folder)
     for stale in folder.glob("ts_adapter-*.safetensors"):
         if stale.name != weights_name:
