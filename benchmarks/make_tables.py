@@ -1,0 +1,127 @@
+"""Generate benchmarks/RESULTS.md (and plots) from benchmarks/results/*.json. Never edit RESULTS.md by hand.
+
+    python benchmarks/make_tables.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+PAIRS = [("lora", "ts-lora"), ("dora", "ts-dora"), ("adapter", "ts-adapter")]
+
+
+def load(name: str) -> list[dict]:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "–"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def grouped(records: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
+    table: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        table[(record["model"], record["task"])][record["method"]].append(record)
+    return table
+
+
+def quality_section(records: list[dict]) -> list[str]:
+    if not records:
+        return ["No quality results yet: run `python benchmarks/quality.py --suite encoder` (and `decoder`).", ""]
+    lines = ["| model | task | method | seeds | accuracy (mean ± std) | kept fraction | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for (model, task), methods in sorted(grouped(records).items()):
+        for method, runs in sorted(methods.items()):
+            kept = [r["kept_fraction"] for r in runs if r.get("kept_fraction") is not None]
+            lines.append(f"| {model} | {task} | {method} | {len(runs)} | {fmt([r['accuracy'] for r in runs])} | "
+                         f"{fmt(kept, 2)} | {fmt([r['train_seconds'] for r in runs], 0)} |")
+    lines += ["", "### Does discarding 30–70 % of token updates keep accuracy?", "",
+              "Per task and pair: Δ = mean accuracy of the token-selective run minus its dense twin; the claim is "
+              "counted as holding when 0.3 ≤ discarded share ≤ 0.7 and Δ ≥ −(std of the dense runs) "
+              "(i.e. within seed noise or better).", "",
+              "| model | task | pair | discarded share | Δ accuracy | dense std | holds |", "|---|---|---|---|---|---|---|"]
+    for (model, task), methods in sorted(grouped(records).items()):
+        for dense, gated in PAIRS:
+            if dense not in methods or gated not in methods:
+                continue
+            dense_acc = [r["accuracy"] for r in methods[dense]]
+            gated_acc = [r["accuracy"] for r in methods[gated]]
+            kept = [r["kept_fraction"] for r in methods[gated] if r.get("kept_fraction") is not None]
+            discarded = 1 - statistics.fmean(kept) if kept else float("nan")
+            delta = statistics.fmean(gated_acc) - statistics.fmean(dense_acc)
+            noise = mean_std(dense_acc)[1]
+            holds = 0.3 <= discarded <= 0.7 and delta >= -noise
+            lines.append(f"| {model} | {task} | {dense} → {gated} | {discarded:.2f} | {delta:+.3f} | {noise:.3f} | "
+                         f"{'yes' if holds else 'no'} |")
+    return lines + [""]
+
+
+def sweep_section(records: list[dict]) -> list[str]:
+    if not records:
+        return ["No sweep results yet: run `python benchmarks/quality.py --suite encoder --sweep`.", ""]
+    lines = ["| model | task | target kept | measured kept | accuracy |", "|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for (model, task), methods in sorted(grouped(records).items()):
+        points = defaultdict(list)
+        for runs in methods.values():
+            for r in runs:
+                points[r.get("target_kept") or 1.0].append(r)
+        xs, ys, es = [], [], []
+        for target in sorted(points, reverse=True):
+            runs = points[target]
+            kept = [r["kept_fraction"] if r.get("kept_fraction") is not None else 1.0 for r in runs]
+            acc = [r["accuracy"] for r in runs]
+            label = "dense" if target == 1.0 and runs[0]["method"] in dict(PAIRS) else f"{target:g}"
+            lines.append(f"| {model} | {task} | {label} | {fmt(kept, 2)} | {fmt(acc)} |")
+            xs.append(statistics.fmean(kept)), ys.append(mean_std(acc)[0]), es.append(mean_std(acc)[1])
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{model} / {task}")
+    ax.set_xlabel("kept fraction of token updates (measured on eval)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Accuracy vs kept fraction (TS-LoRA target sweep)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(ROOT / "sweep.png", dpi=110)
+    plt.close(fig)
+    return lines + ["", "![accuracy vs kept fraction](sweep.png)", ""]
+
+
+def main() -> None:
+    quality, sweep = load("quality.json"), load("sweep.json")
+    sizes = sorted({(r["model"], r.get("sizes", "")) for r in quality + sweep})
+    out = ["# Benchmark results", "",
+           "Generated by `python benchmarks/make_tables.py` from `benchmarks/results/*.json`; do not edit by hand.", ""]
+    machines = sorted({r.get("machine", "") for r in quality + sweep} - {""})
+    out += [f"Sizes per run: " + "; ".join(f"{m}: `{s}`" for m, s in sizes) if sizes else "", ""]
+    out += [f"Measured on: {', '.join(machines)}" if machines else "", ""]
+    out += ["## Quality (dense vs token-selective)", ""] + quality_section(quality)
+    out += ["## Accuracy vs kept fraction", ""] + sweep_section(sweep)
+    speed = RESULTS / "speed.json"
+    out += ["## Speed and memory", "",
+            "See [SPEED.md](SPEED.md) (generated by `python benchmarks/speed_table.py` from `results/speed.json`)."
+            if speed.exists() else "No speed results yet: run `python benchmarks/speed.py`.", ""]
+    (ROOT / "RESULTS.md").write_text("\n".join(out))
+    print(f"wrote {ROOT / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Quality suite: dense PEFT vs its token-selective form, same rank/steps/lr, several seeds.
+
+Each run is one `tspeft train` (in process); its metrics.json becomes one record of
+benchmarks/results/quality.json (or sweep.json for --sweep). Records already present are skipped, so an
+interrupted suite resumes where it stopped. Tables and plots: `python benchmarks/make_tables.py`.
+
+    python benchmarks/quality.py --suite encoder            # MiniLM-L6: rotten_tomatoes, sst2, boolq
+    python benchmarks/quality.py --suite decoder            # SmolLM2-135M: piqa, obqa, boolq_mc
+    python benchmarks/quality.py --suite encoder --sweep    # kept 0.9/0.7/0.5/0.3 on rotten_tomatoes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "src"))
+
+from tspeft.cli.main import main as tspeft_main  # noqa: E402
+from tspeft.core.io import atomic_write  # noqa: E402
+
+SUITES = {
+    # sizes chosen so the encoder suite fits well inside an hour on 2 CPU cores
+    "encoder": {"model": "minilm", "tasks": ["rotten_tomatoes", "sst2", "boolq"],
+                "methods": ["lora", "ts-lora", "dora", "ts-dora", "adapter", "ts-adapter"],
+                "flags": ["--n-train", "2000", "--n-eval", "1000", "--epochs", "1"], "sweep_task": "rotten_tomatoes"},
+    "decoder": {"model": "smollm2", "tasks": ["piqa", "obqa", "boolq_mc"],
+                "methods": ["none", "lora", "ts-lora", "dora", "ts-dora", "adapter", "ts-adapter"],
+                "flags": ["--n-train", "400", "--n-eval", "300", "--max-steps", "60"], "sweep_task": "piqa"},
+}
+SWEEP_KEPT = ["0.9", "0.7", "0.5", "0.3"]
+KEYS = ("task", "model", "method", "seed", "target_kept")
+
+
+def load_records(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def save_records(path: Path, records: list[dict]) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
+
+
+def run_one(suite: dict, task: str, method: str, seed: int, out: Path, extra: list[str]) -> dict:
+    args = ["train", "--task", task, "--model", suite["model"], "--method", method, "--seed", str(seed),
+            "--out", str(out), *suite["flags"], *extra]
+    tspeft_main(args)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), required=True)
+    parser.add_argument("--sweep", action="store_true", help="target-kept sweep of ts-lora on the suite's sweep task")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
+    parser.add_argument("--methods", help="comma-separated subset of the suite's methods")
+    parser.add_argument("--runs-dir", default="runs/bench")
+    parser.add_argument("--results", default=None, help="output JSON (default benchmarks/results/quality.json or sweep.json)")
+    args = parser.parse_args(argv)
+    suite = SUITES[args.suite]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = Path(args.results or ROOT / "results" / ("sweep.json" if args.sweep else "quality.json"))
+    records = load_records(results)
+    done = {tuple(r.get(k) for k in KEYS) for r in records}
+    if args.sweep:
+        plan = [(suite["sweep_task"], "ts-lora", kept) for kept in SWEEP_KEPT] + [(suite["sweep_task"], "lora", None)]
+    else:
+        tasks = args.tasks.split(",") if args.tasks else suite["tasks"]
+        methods = args.methods.split(",") if args.methods else suite["methods"]
+        plan = [(task, method, None) for task in tasks for method in methods]
+    for task, method, kept in plan:
+        for seed in seeds:
+            if method == "none" and seed != seeds[0]:
+                continue  # zero-shot does not depend on the seed
+            extra = ["--target-kept", kept] if kept else []
+            key_target = float(kept) if kept else None
+            if (task, suite["model"], method, seed, key_target) in done:
+                continue
+            out = Path(args.runs_dir) / args.suite / task / f"{method}{'@' + kept if kept else ''}-s{seed}"
+            metrics = run_one(suite, task, method, seed, out, extra)
+            record = {k: metrics.get(k) for k in ("task", "method", "seed", "accuracy", "kept_fraction",
+                                                  "train_seconds", "trainable_params", "per_module", "n_train", "n_eval")}
+            record.update(model=suite["model"], suite=args.suite, target_kept=key_target,
+                          sizes=" ".join(suite["flags"]))
+            records.append(record)
+            save_records(results, records)
+            print(f"[quality] {task} {method} seed {seed}: accuracy {record['accuracy']:.4f} "
+                  f"kept {record['kept_fraction']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
