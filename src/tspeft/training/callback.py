@@ -1,0 +1,114 @@
+"""Trainer integration: the τ-rule step after every optimizer step, and per-logging-step statistics.
+
+    trainer = Trainer(model=ts_model, ..., callbacks=[ThresholdCallback(ts_model, out_dir="runs/x")])
+
+`ThresholdCallback`
+  * on_step_end (after each optimizer step, so once per step also under gradient accumulation):
+    `model.update_thresholds()`;
+  * on every training log (the Trainer's `logging_steps`): adds `kept_fraction` (overall, real tokens,
+    since the previous log) and `mean_tau` to the logs, so they show in the console/progress bar and in
+    `trainer.state.log_history` (where the per-module dicts `kept_per_module`, `tau_per_module`,
+    `kept_target_per_module` are added as well); appends one JSON line to `<out_dir>/train_log.jsonl`:
+        {"step", "epoch", "loss", "learning_rate", "kept_fraction", "mean_tau",
+         "kept_per_module": {...}, "tau_per_module": {...}, "kept_target_per_module": {...}}
+    and then calls `model.reset_stats()`.
+
+For a dense (ungated) model the same callback only writes step/loss lines, so every run has a training log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback
+
+from ..core.model import TSPeftModel
+
+LOG_FILE = "train_log.jsonl"
+
+
+def unwrap_ts_model(model: Any) -> TSPeftModel | None:
+    """Find the TSPeftModel inside accelerate/DDP/compile wrappers (None if there is none)."""
+    seen = 0
+    while model is not None and seen < 8:
+        if isinstance(model, TSPeftModel):
+            return model
+        # DDP / DataParallel / accelerate wrappers keep the model in `.module`; torch.compile in `._orig_mod`.
+        inner = None
+        for attr in ("module", "_orig_mod"):
+            if isinstance(model, nn.Module) and attr in model._modules:
+                inner = model._modules[attr]
+                break
+        model, seen = inner, seen + 1
+    return None
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class ThresholdCallback(TrainerCallback):
+    """Steps the τ rule after each optimizer step and logs kept fraction / τ at each logging step."""
+
+    def __init__(self, model: nn.Module | None = None, out_dir: str | os.PathLike | None = None):
+        # `model`: the TSPeftModel (or a wrapper of it). None: taken from the Trainer's callback arguments.
+        self.model = model
+        self.log_path = Path(out_dir) / LOG_FILE if out_dir is not None else None
+        self._started = False
+
+    def _ts_model(self, kwargs: dict[str, Any]) -> TSPeftModel | None:
+        return unwrap_ts_model(self.model if self.model is not None else kwargs.get("model"))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        ts_model = self._ts_model(kwargs)
+        if ts_model is not None:
+            ts_model.reset_stats()
+        if self.log_path is not None and state.is_world_process_zero and not self._started:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path.write_text("")  # a fresh log per training run
+        self._started = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        ts_model = self._ts_model(kwargs)
+        if ts_model is not None:
+            ts_model.update_thresholds()
+
+    def statistics(self, ts_model: TSPeftModel | None) -> dict[str, Any]:
+        """Kept fraction / τ since the last reset: overall and per module (dense model: kept 1.0, no τ)."""
+        if ts_model is None:
+            return {"kept_fraction": 1.0, "mean_tau": None}
+        ts_model.reduce_stats()  # no-op unless torch.distributed is initialised (then every rank must call it)
+        taus = ts_model.thresholds()
+        return {
+            "kept_fraction": _finite(ts_model.kept_fraction()),
+            "mean_tau": _finite(sum(taus.values()) / len(taus)) if taus else None,
+            "kept_per_module": {k: _finite(v) for k, v in ts_model.sparsity().items()},
+            "tau_per_module": {k: _finite(v) for k, v in taus.items()},
+            "kept_target_per_module": {k: _finite(v) for k, v in ts_model.kept_targets().items()},
+        }
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return  # evaluation logs and the final train summary (train_loss, train_runtime, ...)
+        ts_model = self._ts_model(kwargs)
+        stats = self.statistics(ts_model)
+        if ts_model is not None:
+            # scalars go to the console/progress bar; the per-module dicts only to log_history and the file
+            logs["kept_fraction"] = stats["kept_fraction"]
+            logs["mean_tau"] = stats["mean_tau"]
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(stats)
+            ts_model.reset_stats()
+        if self.log_path is not None and state.is_world_process_zero:
+            record = {"step": state.global_step, "epoch": _finite(state.epoch), "loss": _finite(logs.get("loss")),
+                      "learning_rate": _finite(logs.get("learning_rate")), **stats}
+            with open(self.log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")

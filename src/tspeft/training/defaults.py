@@ -1,0 +1,62 @@
+"""Every training default in one place (the CLI, `train()` and `build_model()` read them from here).
+
+| setting | value | note |
+|---|---|---|
+| learning rate | 5e-4 LoRA / DoRA, 1e-3 bottleneck adapter, 2e-3 `none` (linear probe: head only) | AdamW, linear decay |
+| rank / alpha | 8 / 16 (LoRA, DoRA); bottleneck size 16 (adapter; `--rank` overrides it) | lora_dropout 0 |
+| target modules | BERT: query, key, value, dense; Llama: q_proj, k_proj, v_proj, o_proj | by `config.model_type` |
+| batch size | 32 encoder classification / 8 decoder multiple choice | |
+| max length | 64 encoder / 192 decoder (tokens) | |
+| epochs | 2 | `--max-steps` overrides |
+| ts-* | TokenSelectiveConfig(target_kept=0.5, warmup_steps=20) | `--target-kept none`: loss-driven rule |
+| logging | every 10 optimizer steps | `train_log.jsonl` |
+
+`none` means no adapter. For a classification task the randomly initialised head must be trained, so
+`none` trains the classification head only (a linear probe on the frozen encoder); for a multiple-choice
+task with a causal LM it is zero-shot scoring (nothing is trained).
+
+BERT's "dense" also matches `bert.pooler.dense` (the pooler feeding the classifier): it is adapted too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+METHODS = ("none", "lora", "dora", "adapter", "ts-lora", "ts-dora", "ts-adapter")
+TASK_KINDS = ("classification", "multiple_choice")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    lr: dict = field(default_factory=lambda: {"lora": 5e-4, "dora": 5e-4, "adapter": 1e-3, "none": 2e-3})
+    rank: int = 8
+    alpha_per_rank: float = 2.0  # lora_alpha = 2 * rank (16 at rank 8)
+    lora_dropout: float = 0.0
+    bottleneck_size: int = 16
+    target_modules: dict = field(default_factory=lambda: {
+        "bert": ["query", "key", "value", "dense"],
+        "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    })
+    head_modules: tuple = ("classifier", "score")  # classification heads, trained in full
+    batch_size: dict = field(default_factory=lambda: {"classification": 32, "multiple_choice": 8})
+    max_length: dict = field(default_factory=lambda: {"classification": 64, "multiple_choice": 192})
+    epochs: float = 2.0
+    target_kept: float = 0.5
+    warmup_steps: int = 20
+    logging_steps: int = 10
+    weight_decay: float = 0.0
+    model: dict = field(default_factory=lambda: {"classification": "minilm", "multiple_choice": "smollm2"})
+    token_mask_examples: int = 4
+    eval_batch_factor: int = 2  # eval batch = factor * train batch
+
+
+DEFAULTS = Defaults()
+
+
+def base_method(method: str) -> str:
+    """'ts-lora' -> 'lora'; 'none' -> 'none'."""
+    return method[3:] if method.startswith("ts-") else method
+
+
+def default_lr(method: str) -> float:
+    return DEFAULTS.lr[base_method(method)]

@@ -1,0 +1,513 @@
+"""Train and evaluate one run with transformers' `Trainer`: dense PEFT, token-selective PEFT or no adapter.
+
+    metrics = train(TrainConfig(task="rotten_tomatoes", method="ts-lora", out="runs/rt"))
+    metrics = evaluate(EvalConfig(adapter="runs/rt", task="rotten_tomatoes"))
+
+Methods: `lora`, `dora`, `adapter` (dense: plain peft / the ungated bottleneck adapter), `ts-lora`, `ts-dora`,
+`ts-adapter` (the same, token-gated by tspeft), and `none` (no adapter: for classification the head alone is
+trained, i.e. a linear probe on the frozen encoder; for a causal LM on multiple choice, zero-shot scoring).
+
+Defaults (learning rates, rank, target modules per architecture, batch size, max length, epochs, target
+kept fraction 0.5 with 20 warm-up steps) live in ONE place, `tspeft.training.defaults.DEFAULTS`; see the
+table in that module's docstring.
+
+The run folder `out` receives:
+    metrics.json        task, model, method, seed, accuracy, kept_fraction (on the eval set; 1.0 dense; null
+                        for none), per_module, train_seconds, trainable_params, target_kept, τ, sizes, ...
+    train_log.jsonl     one line per logging step (see callback.py)
+    token_masks.json    ts-* only: per-module keep masks of a few eval examples (real tokens only)
+    the adapter         TSPeftModel.save_pretrained (ts-*), peft save_pretrained (lora/dora),
+                        trainable_weights.safetensors + run_manifest.json (adapter, none)
+The causal-LM multiple-choice task trains on prompt + correct answer (loss on the answer tokens only) and
+is scored by the length-normalised log-likelihood of each option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+from .. import BottleneckConfig, TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
+from ..core.adapter import inject_bottleneck_adapters
+from ..core.io import atomic_write
+from . import data as D
+from .callback import ThresholdCallback, unwrap_ts_model
+from .defaults import DEFAULTS, METHODS, base_method, default_lr
+
+RUN_MANIFEST = "run_manifest.json"
+DENSE_WEIGHTS = "trainable_weights.safetensors"
+_UNSET = "default"  # target_kept not given: DEFAULTS.target_kept for ts-* methods
+
+
+# ----- configuration ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    out: str
+    task: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    question_column: str = "question"
+    options_column: str = "options"
+    answer_column: str = "answer"
+    model: str | None = None
+    method: str = "ts-lora"
+    seed: int = 0
+    epochs: float | None = None
+    max_steps: int | None = None
+    lr: float | None = None
+    rank: int | None = None
+    target_kept: Any = _UNSET  # float in (0, 1], None (loss-driven rule) or "default"
+    warmup_steps: int | None = None
+    max_length: int | None = None
+    batch_size: int | None = None
+    n_train: int | None = None
+    n_eval: int | None = None
+    device: str = "auto"
+    logging_steps: int | None = None
+
+    @classmethod
+    def from_namespace(cls, args) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def resolve_target_kept(method: str, target_kept: Any) -> float | None:
+    if not method.startswith("ts-"):
+        return None
+    return DEFAULTS.target_kept if target_kept == _UNSET else target_kept
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+# ----- data ------------------------------------------------------------------------------------------------------
+def _columns(cfg) -> dict[str, str | None]:
+    return {"text": cfg.text_column, "text_pair": cfg.text_pair_column, "label": cfg.label_column,
+            "question": cfg.question_column, "options": cfg.options_column, "answer": cfg.answer_column}
+
+
+def data_kind(cfg, path: str | None = None) -> str:
+    """Classification or multiple choice for a user's file: by its columns (an options column means multiple choice)."""
+    from ..tasks.data import read_rows
+
+    rows = read_rows(path or cfg.data or cfg.eval_data)
+    first = {key for row in rows[:50] for key in row}
+    return D.MULTIPLE_CHOICE if cfg.options_column in first else D.CLASSIFICATION
+
+
+def _role_columns(cfg, kind: str) -> dict[str, str]:
+    columns = _columns(cfg)
+    roles = ("text", "text_pair", "label") if kind == D.CLASSIFICATION else ("question", "options", "answer")
+    return {role: columns[role] for role in roles if columns[role] is not None}
+
+
+def load_data(cfg, label_names: list[str] | None = None, kind: str | None = None) -> D.TaskData:
+    """The run's examples: a shipped task (`cfg.task`) or user files (`cfg.data`, `cfg.eval_data`).
+
+    With `label_names` (evaluating a saved run) and only an eval file, that file is read with the run's
+    label mapping.
+    """
+    from ..tasks import data as tasks_data
+
+    if cfg.task:
+        spec = tasks_data.get_task(cfg.task)
+        train, evaluation = tasks_data.load_task(cfg.task, n_train=cfg.n_train or None, n_eval=cfg.n_eval, seed=cfg.seed)
+        if cfg.n_train == 0:
+            train = []
+        return D.TaskData(cfg.task, spec.kind, train, evaluation,
+                          list(spec.label_names) if spec.label_names else None)
+    kind = kind or data_kind(cfg)
+    columns = _role_columns(cfg, kind)
+    if cfg.data is None:  # evaluation of a saved run on one file
+        evaluation, names = tasks_data.load_file(cfg.eval_data, kind, columns, label_names)
+        if cfg.n_eval:
+            evaluation = evaluation[:cfg.n_eval]
+        return D.TaskData(Path(cfg.eval_data).stem, kind, [], evaluation, names)
+    user = tasks_data.load_user_data(cfg.data, cfg.eval_data, kind, columns, n_train=cfg.n_train or None,
+                                     n_eval=cfg.n_eval, seed=cfg.seed)
+    return D.TaskData(Path(cfg.data).stem, kind, user.train, user.eval, user.label_names)
+
+
+# ----- models ----------------------------------------------------------------------------------------------------
+def model_kind(task_kind: str) -> str:
+    return "classification" if task_kind == D.CLASSIFICATION else "causal_lm"
+
+
+def target_modules_for(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULTS.target_modules:
+        return list(DEFAULTS.target_modules[model_type])
+    heads = set(DEFAULTS.head_modules) | {"lm_head", "pooler"}
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                    if isinstance(module, nn.Linear) and not (set(name.split(".")) & heads)})
+    if not names:
+        raise ValueError(f"no nn.Linear layers to adapt in {type(model).__name__}")
+    return names
+
+
+def head_names(model: nn.Module) -> list[str]:
+    return [h for h in DEFAULTS.head_modules if isinstance(getattr(model, h, None), nn.Module)]
+
+
+def build_model(method: str, base: nn.Module, task_kind: str, *, rank: int | None = None,
+                target_modules: list[str] | None = None, target_kept: Any = _UNSET,
+                warmup_steps: int | None = None) -> nn.Module:
+    """Attach `method`'s adapter to `base` (a loaded transformers model); returns the model to train.
+
+    ts-*: a TSPeftModel; lora/dora: a peft PeftModel; adapter: `base` with ungated bottleneck adapters;
+    none: `base` with everything frozen except a classification head (if any).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    kind = base_method(method)
+    targets = target_modules or target_modules_for(base)
+    heads = head_names(base) if task_kind == D.CLASSIFICATION else []
+    if kind == "none":
+        for name, parameter in base.named_parameters():
+            parameter.requires_grad_(name.split(".")[0] in heads)
+        return base
+    if kind == "adapter":
+        peft_config = BottleneckConfig(target_modules=targets, bottleneck_size=rank or DEFAULTS.bottleneck_size,
+                                       modules_to_save=heads or None)
+    else:
+        rank = rank or DEFAULTS.rank
+        peft_config = LoraConfig(r=rank, lora_alpha=int(DEFAULTS.alpha_per_rank * rank), lora_dropout=DEFAULTS.lora_dropout,
+                                 target_modules=targets, use_dora=(kind == "dora"),
+                                 task_type="SEQ_CLS" if task_kind == D.CLASSIFICATION else "CAUSAL_LM",
+                                 modules_to_save=heads or None)
+    if method.startswith("ts-"):
+        ts_config = TokenSelectiveConfig(target_kept=resolve_target_kept(method, target_kept),
+                                         warmup_steps=DEFAULTS.warmup_steps if warmup_steps is None else warmup_steps)
+        return get_ts_peft_model(base, peft_config, ts_config)
+    if kind == "adapter":
+        inject_bottleneck_adapters(base, peft_config)
+        base._tspeft_bottleneck_config = peft_config
+        return base
+    return get_peft_model(base, peft_config)
+
+
+def load_base(model_name_or_path: str, task_kind: str, num_labels: int | None):
+    from ..tasks.resources import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(model_name_or_path, model_kind(task_kind), num_labels=num_labels or 2)
+
+
+# ----- saving and loading adapters -------------------------------------------------------------------------------
+def save_adapter(model: nn.Module, method: str, out: Path) -> None:
+    ts_model = unwrap_ts_model(model)
+    if ts_model is not None:
+        ts_model.save_pretrained(out)
+    elif isinstance(model, PeftModel):
+        model.save_pretrained(str(out))
+    else:  # adapter / none: the trainable weights (bottleneck layers, head) by state-dict key
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items() if k in names}
+        bottleneck = getattr(model, "_tspeft_bottleneck_config", None)
+        atomic_write(out / DENSE_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        manifest = {"method": method, "bottleneck_config": bottleneck.to_dict() if bottleneck else None,
+                    "weights": DENSE_WEIGHTS}
+        atomic_write(out / RUN_MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
+
+
+def load_adapter(base: nn.Module, folder: Path, method: str) -> nn.Module:
+    if (folder / "ts_config.json").is_file():
+        return TSPeftModel.from_pretrained(base, folder, is_trainable=False)
+    if (folder / "adapter_config.json").is_file():
+        return PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+    if (folder / RUN_MANIFEST).is_file():
+        manifest = json.loads((folder / RUN_MANIFEST).read_text())
+        if manifest.get("bottleneck_config"):
+            inject_bottleneck_adapters(base, BottleneckConfig.from_dict(manifest["bottleneck_config"]))
+        weights = load_file(folder / manifest["weights"])
+        missing = set(weights) - set(base.state_dict())
+        if missing:
+            raise ValueError(f"{folder}: saved weights do not fit the base model: {sorted(missing)[:3]}")
+        base.load_state_dict(weights, strict=False)
+        return base
+    if method == "none":
+        return base  # zero-shot: nothing was saved
+    raise ValueError(f"{folder} holds no adapter (no ts_config.json, adapter_config.json or {RUN_MANIFEST})")
+
+
+class TSTrainer(Trainer):
+    """Trainer whose checkpoints/`save_model` store the adapter (TSPeftModel is not a PreTrainedModel)."""
+
+    method: str = "ts-lora"
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if not self.args.should_save:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_adapter(self.accelerator.unwrap_model(self.model), self.method, output_dir)
+        torch.save(self.args, output_dir / "training_args.bin")
+
+
+# ----- evaluation ------------------------------------------------------------------------------------------------
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, tokenizer, task_data: D.TaskData, max_length: int, batch_size: int,
+                   device: torch.device) -> dict[str, Any]:
+    """Accuracy on task_data.eval and (gated models) the kept fraction measured during this evaluation."""
+    model.to(device).eval()
+    ts_model = unwrap_ts_model(model)
+    if ts_model is not None:
+        ts_model.reset_stats()
+    examples = task_data.eval
+    start = time.perf_counter()
+    if task_data.kind == D.CLASSIFICATION:
+        collate = DataCollatorWithPadding(tokenizer)
+        features = D.classification_features(tokenizer, examples, max_length)
+        correct = 0
+        for chunk in _batches(features, batch_size):
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+        accuracy = correct / max(1, len(examples))
+    else:
+        scores = D.mc_option_scores(model, tokenizer, examples, max_length, batch_size, device)
+        accuracy = sum(max(range(len(s)), key=s.__getitem__) == ex["answer"]
+                       for s, ex in zip(scores, examples)) / max(1, len(examples))
+    result = {"accuracy": accuracy, "eval_seconds": round(time.perf_counter() - start, 3)}
+    if ts_model is not None:
+        ts_model.reduce_stats()
+        result["kept_fraction"] = ts_model.kept_fraction()
+        result["per_module"] = ts_model.sparsity()
+        ts_model.reset_stats()
+    return result
+
+
+@torch.no_grad()
+def record_token_masks(model: nn.Module, tokenizer, task_data: D.TaskData, max_length: int, device: torch.device,
+                       n: int = DEFAULTS.token_mask_examples) -> dict[str, Any] | None:
+    """Per-module keep masks of the first `n` eval examples (one at a time, so only real tokens)."""
+    ts_model = unwrap_ts_model(model)
+    if ts_model is None or not task_data.eval:
+        return None
+    model.eval()
+    examples = []
+    for gate in ts_model.gates.values():
+        gate.record_keep_mask = True
+    try:
+        for ex in task_data.eval[:n]:
+            if task_data.kind == D.CLASSIFICATION:
+                args = (ex["text"],) if not ex.get("text_pair") else (ex["text"], ex["text_pair"])
+                ids = tokenizer(*args, truncation=True, max_length=max_length)["input_ids"]
+            else:
+                prompt, answer = D.mc_pair_ids(tokenizer, ex["question"], ex["options"][ex["answer"]], max_length)
+                ids = prompt + answer
+            for gate in ts_model.gates.values():
+                gate.last_keep_mask = None
+            input_ids = torch.tensor([ids], device=device)
+            model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+            masks = {}
+            for name, gate in ts_model.gates.items():
+                mask = gate.last_keep_mask
+                if mask is not None and mask.dim() == 2 and mask.shape[1] == len(ids):
+                    masks[name] = [int(v) for v in mask[0].tolist()]
+            examples.append({"tokens": tokenizer.convert_ids_to_tokens(ids), "masks": masks,
+                             **({"label": ex["label"]} if "label" in ex else {"answer": ex["answer"]})})
+    finally:
+        for gate in ts_model.gates.values():
+            gate.record_keep_mask = False
+            gate.last_keep_mask = None
+        ts_model.reset_stats()
+    return {"examples": examples}
+
+
+# ----- training --------------------------------------------------------------------------------------------------
+def _write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2, default=str)))
+
+
+def train(args) -> dict[str, Any]:
+    """One run (see the module docstring); `args` is a TrainConfig or an argparse Namespace with its fields."""
+    cfg = args if isinstance(args, TrainConfig) else TrainConfig.from_namespace(args)
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed)
+    task_data = load_data(cfg)
+    kind = task_data.kind
+    model_name = cfg.model or DEFAULTS.model[kind]
+    max_length = cfg.max_length or DEFAULTS.max_length[kind]
+    batch_size = cfg.batch_size or DEFAULTS.batch_size[kind]
+    lr = cfg.lr or default_lr(cfg.method)
+    epochs = cfg.epochs if cfg.epochs is not None else DEFAULTS.epochs
+    target_kept = resolve_target_kept(cfg.method, cfg.target_kept)
+    warmup = DEFAULTS.warmup_steps if cfg.warmup_steps is None else cfg.warmup_steps
+
+    set_seed(cfg.seed)
+    base, tokenizer = load_base(model_name, kind, task_data.num_labels)
+    set_seed(cfg.seed)
+    model = build_model(cfg.method, base, kind, rank=cfg.rank, target_kept=target_kept, warmup_steps=warmup)
+    ts_model = unwrap_ts_model(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    zero_shot = cfg.method == "none" and kind == D.MULTIPLE_CHOICE
+    train_seconds, train_steps, final_loss = 0.0, 0, None
+    if not zero_shot and task_data.train:
+        if kind == D.CLASSIFICATION:
+            features = D.classification_features(tokenizer, task_data.train, max_length)
+            collator = DataCollatorWithPadding(tokenizer)
+        else:
+            features = D.mc_train_features(tokenizer, task_data.train, max_length)
+            collator = D.PadCollator(tokenizer.pad_token_id)
+        training_args = TrainingArguments(
+            output_dir=str(out / "checkpoints"), seed=cfg.seed, learning_rate=lr, num_train_epochs=epochs,
+            max_steps=cfg.max_steps if cfg.max_steps else -1, per_device_train_batch_size=batch_size,
+            weight_decay=DEFAULTS.weight_decay, logging_steps=cfg.logging_steps or DEFAULTS.logging_steps,
+            logging_first_step=True, remove_unused_columns=False, report_to=[], save_strategy="no",
+            disable_tqdm=False, use_cpu=device.type == "cpu", label_names=["labels"], dataloader_num_workers=0)
+        trainer = TSTrainer(model=model, args=training_args, train_dataset=D.ListDataset(features),
+                            data_collator=collator, callbacks=[ThresholdCallback(model, out_dir=out)])
+        trainer.method = cfg.method
+        start = time.perf_counter()
+        result = trainer.train()
+        train_seconds = time.perf_counter() - start
+        train_steps, final_loss = trainer.state.global_step, result.training_loss
+        model = trainer.model
+        if (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
+            (out / "checkpoints").rmdir()
+
+    eval_batch = batch_size * DEFAULTS.eval_batch_factor
+    evaluation = evaluate_model(model, tokenizer, task_data, max_length, eval_batch, device)
+    masks = record_token_masks(model, tokenizer, task_data, max_length, device)
+    if masks is not None:
+        _write_json(out / "token_masks.json", masks)
+    save_adapter(model, cfg.method, out)
+
+    metrics = {
+        "task": task_data.name, "task_kind": kind, "model": model_name, "method": cfg.method, "seed": cfg.seed,
+        "accuracy": evaluation["accuracy"],
+        "kept_fraction": evaluation.get("kept_fraction") if ts_model is not None else (None if cfg.method == "none" else 1.0),
+        "per_module": evaluation.get("per_module"),
+        "target_kept": target_kept, "tau_rule": None if ts_model is None else ("target" if target_kept is not None else "loss-driven"),
+        "warmup_steps": warmup if ts_model is not None else None,
+        "tau_per_module": ts_model.thresholds() if ts_model is not None else None,
+        "mean_tau": (sum(ts_model.thresholds().values()) / len(ts_model.gates)) if ts_model is not None and ts_model.gates else None,
+        "train_seconds": round(train_seconds, 3), "train_steps": train_steps, "final_train_loss": final_loss,
+        "eval_seconds": evaluation["eval_seconds"],
+        "trainable_params": trainable, "total_params": total,
+        "n_train": len(task_data.train) if not zero_shot else 0, "n_eval": len(task_data.eval),
+        "num_labels": task_data.num_labels, "label_names": task_data.label_names,
+        "lr": lr, "rank": cfg.rank or (DEFAULTS.bottleneck_size if base_method(cfg.method) == "adapter" else DEFAULTS.rank),
+        "epochs": epochs, "max_steps": cfg.max_steps, "batch_size": batch_size, "max_length": max_length,
+        "device": device.type, "linear_probe": cfg.method == "none" and kind == D.CLASSIFICATION,
+        "zero_shot": zero_shot,
+        "data": {"task": cfg.task, "data": cfg.data, "eval_data": cfg.eval_data, "columns": _columns(cfg)},
+    }
+    metrics = _clean(metrics)
+    _write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+# ----- evaluation of a saved run ---------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    adapter: str
+    task: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    model: str | None = None
+    n_eval: int | None = None
+    max_length: int | None = None
+    batch_size: int | None = None
+    device: str = "auto"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    question_column: str = "question"
+    options_column: str = "options"
+    answer_column: str = "answer"
+    seed: int = 0
+    n_train: int | None = 1
+
+    @classmethod
+    def from_namespace(cls, args) -> "EvalConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def evaluate(args) -> dict[str, Any]:
+    """Load the adapter in `args.adapter` onto its base model and evaluate it (accuracy, kept fraction)."""
+    cfg = args if isinstance(args, EvalConfig) else EvalConfig.from_namespace(args)
+    folder = Path(cfg.adapter)
+    if not folder.is_dir():
+        raise ValueError(f"--adapter {folder}: no such folder")
+    run = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+    method = run.get("method") or ("ts-lora" if (folder / "ts_config.json").is_file() else "lora")
+    model_name = cfg.model or run.get("model")
+    if model_name is None and (folder / "ts_config.json").is_file():
+        model_name = json.loads((folder / "ts_config.json").read_text()).get("base_model_name_or_path")
+    if model_name is None:
+        raise ValueError(f"--adapter {folder}: cannot tell the base model (no metrics.json); pass --model")
+    if not (cfg.task or cfg.data or cfg.eval_data):  # the run's own eval set
+        saved = run.get("data") or {}
+        cfg.task, cfg.data, cfg.eval_data = saved.get("task"), saved.get("data"), saved.get("eval_data")
+        for key, value in (saved.get("columns") or {}).items():
+            setattr(cfg, f"{key}_column", value)
+        if not (cfg.task or cfg.data or cfg.eval_data):
+            raise ValueError("give --task or --data: the run folder does not say what it was trained on")
+        if cfg.eval_data:
+            cfg.data = None
+        if cfg.n_eval is None:
+            cfg.n_eval = run.get("n_eval")  # one-file sets are split by n_eval: the same split as in training
+    elif cfg.data and not cfg.task:
+        cfg.eval_data, cfg.data = cfg.eval_data or cfg.data, None  # `eval --data FILE` evaluates on all of FILE
+    if cfg.task and cfg.n_eval is None and run.get("data", {}).get("task") == cfg.task:
+        cfg.n_eval = run.get("n_eval")
+    kind = run.get("task_kind")
+    task_data = load_data(cfg, label_names=run.get("label_names"), kind=kind)
+    if kind and task_data.kind != kind:
+        raise ValueError(f"the adapter was trained for {kind}, but the data is {task_data.kind}")
+    kind = task_data.kind
+    device = resolve_device(cfg.device)
+    base, tokenizer = load_base(model_name, kind, run.get("num_labels") or task_data.num_labels)
+    model = load_adapter(base, folder, method)
+    max_length = cfg.max_length or run.get("max_length") or DEFAULTS.max_length[kind]
+    batch_size = cfg.batch_size or (run.get("batch_size") or DEFAULTS.batch_size[kind]) * DEFAULTS.eval_batch_factor
+    evaluation = evaluate_model(model, tokenizer, task_data, max_length, batch_size, device)
+    ts = unwrap_ts_model(model) is not None
+    return _clean({"task": task_data.name, "model": model_name, "method": method, "adapter": str(folder),
+                   "accuracy": evaluation["accuracy"],
+                   "kept_fraction": evaluation.get("kept_fraction") if ts else (None if method == "none" else 1.0),
+                   "per_module": evaluation.get("per_module"), "n_eval": len(task_data.eval),
+                   "eval_seconds": evaluation["eval_seconds"]})

@@ -1,0 +1,56 @@
+"""Smoke test of benchmarks/speed.py and benchmarks/speed_table.py at tiny sizes (a few seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REQUIRED = {"case", "hidden", "tokens", "method", "baseline", "train_step_ratio", "peak_memory_ratio",
+            "inference_ratio", "kept_fraction", "machine"}
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def speed_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed") / "speed.json"
+    _load("speed").main(["--quick", "--hidden", "32", "--tokens", "128", "--skip-minilm", "--rule-steps", "2",
+                         "--min-repeats", "1", "--max-repeats", "2", "--train-budget", "0", "--inference-budget", "0",
+                         "--out", str(out)])
+    return out
+
+
+def test_speed_records(speed_run):
+    records = json.loads(speed_run.read_text())
+    assert {(r["phase"], r["method"]) for r in records} == {
+        ("train", "ts-lora"), ("train", "ts-dora"), ("inference", "lora-merged"),
+        ("inference", "ts-lora"), ("inference", "ts-lora-skip")}
+    for r in records:
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert {"platform", "cpu_count", "torch", "device_name"} <= set(r["machine"])
+        if r["phase"] == "train":
+            assert r["train_step_ratio"] > 0 and r["peak_memory_ratio"] > 0 and r["inference_ratio"] is None
+            assert r["train_step_s"] > 0 and r["peak_memory_bytes"] > 0 and "cpu" in r["memory_measure"]
+            assert 0 <= r["kept_fraction"] <= 1
+        else:
+            assert r["inference_ratio"] > 0 and r["train_step_ratio"] is None
+    kept = sorted(r["kept_fraction"] for r in records if r["method"] == "ts-lora" and r["phase"] == "inference")
+    assert kept == pytest.approx([0.2, 0.5, 1.0], abs=0.02)  # calibrated thresholds keep the asked fraction
+
+
+def test_speed_table(speed_run, tmp_path):
+    out = tmp_path / "SPEED.md"
+    _load("speed_table").main(["--json", str(speed_run), "--out", str(out)])
+    text = out.read_text()
+    assert "do not edit by hand" in text and "ts-lora-skip" in text and "| synthetic | 32 | 128 |" in text
