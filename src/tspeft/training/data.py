@@ -1,22 +1,22 @@
-"""The training side's view of a task: examples, tokenised features, collators, scoring.
+"""The training side's view of a task: its examples and the features/collator/evaluation for its kind.
 
-Examples (shipped tasks and users' files) are loaded by `tspeft.tasks.data`; this module turns them into
-model features. The multiple-choice prompt format and scoring used for training and evaluation are here
-(`mc_prompt`, `mc_pair_ids`, `mc_option_scores`) unless `tspeft.tasks.multiple_choice` provides them.
+Examples come from `tspeft.tasks.data` (shipped tasks and users' files); tokenisation, collators and scoring
+from `tspeft.tasks.classification` and `tspeft.tasks.multiple_choice`:
 
-Examples, whatever their source:
     classification:   {"text": str, "text_pair": str | None, "label": int}
-    multiple choice:  {"question": str, "options": [str, ...], "answer": int}
+    multiple choice:  {"question": str, "options": [str, ...], "answer": int}   (causal LM, answer-only loss,
+                                                                                  length-normalised log-likelihood)
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..tasks import classification as C
+from ..tasks import multiple_choice as MC
 
 CLASSIFICATION, MULTIPLE_CHOICE = "classification", "multiple_choice"
 
@@ -40,17 +40,6 @@ class TaskData:
         return max(labels) + 1 if labels else 2
 
 
-def tasks_module(name: str):
-    """tspeft.tasks.<name>, or None while it does not exist."""
-    try:
-        return importlib.import_module(f"tspeft.tasks.{name}")
-    except ModuleNotFoundError as error:
-        if error.name and error.name.startswith("tspeft.tasks"):
-            return None
-        raise
-
-
-# ----- tokenisation ----------------------------------------------------------------------------------------------
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, items: list[dict]):
         self.items = items
@@ -62,80 +51,22 @@ class ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def classification_features(tokenizer, examples: list[dict], max_length: int) -> list[dict]:
-    features = []
-    for ex in examples:
-        args = (ex["text"],) if not ex.get("text_pair") else (ex["text"], ex["text_pair"])
-        enc = tokenizer(*args, truncation=True, max_length=max_length)
-        features.append({**{k: list(v) for k, v in enc.items()}, "labels": int(ex["label"])})
-    return features
+def train_features(kind: str, tokenizer, examples: list[dict], max_length: int):
+    """(features, collator) for the Trainer."""
+    if kind == CLASSIFICATION:
+        return C.tokenize_classification(tokenizer, examples, max_length), C.classification_collator(tokenizer)
+    return MC.training_features(tokenizer, examples, max_length), MC.MultipleChoiceCollator.for_tokenizer(tokenizer)
 
 
-def mc_prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
+def accuracy(kind: str, model, tokenizer, examples: list[dict], batch_size: int, max_length: int,
+             device: torch.device) -> float:
+    if kind == CLASSIFICATION:
+        return C.evaluate_classification(model, tokenizer, examples, batch_size, max_length, device)["accuracy"]
+    return MC.evaluate_multiple_choice(model, tokenizer, examples, batch_size, max_length, device)["accuracy"]
 
 
-def mc_pair_ids(tokenizer, question: str, option: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt and of the answer continuation (truncated from the left of the prompt)."""
-    prompt = tokenizer(mc_prompt(question), add_special_tokens=True)["input_ids"]
-    answer = tokenizer(" " + option.strip(), add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-    answer = answer[: max_length - 1]
-    prompt = prompt[-(max_length - len(answer)):]
-    return list(prompt), list(answer)
-
-
-def mc_train_features(tokenizer, examples: list[dict], max_length: int) -> list[dict]:
-    """Prompt + correct answer; the loss is on the answer tokens only (labels -100 elsewhere)."""
-    features = []
-    for ex in examples:
-        prompt, answer = mc_pair_ids(tokenizer, ex["question"], ex["options"][ex["answer"]], max_length)
-        ids = prompt + answer
-        features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
-                         "labels": [-100] * len(prompt) + answer})
-    return features
-
-
-class PadCollator:
-    """Right-pads input_ids / attention_mask / labels (labels with -100)."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        pad = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100}
-        batch = {}
-        for key in features[0]:
-            if isinstance(features[0][key], list):
-                batch[key] = torch.tensor([f[key] + [pad.get(key, 0)] * (width - len(f[key])) for f in features])
-            else:
-                batch[key] = torch.tensor([f[key] for f in features])
-        return batch
-
-
-@torch.no_grad()
-def mc_option_scores(model, tokenizer, examples: list[dict], max_length: int, batch_size: int,
-                     device: torch.device) -> list[list[float]]:
-    """Length-normalised log-likelihood of each option's answer tokens given the prompt."""
-    pairs = []
-    for i, ex in enumerate(examples):
-        for j, option in enumerate(ex["options"]):
-            prompt, answer = mc_pair_ids(tokenizer, ex["question"], option, max_length)
-            pairs.append((i, j, prompt, answer))
-    scores = [[0.0] * len(ex["options"]) for ex in examples]
-    collate = PadCollator(tokenizer.pad_token_id)
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        feats = [{"input_ids": p + a, "attention_mask": [1] * (len(p) + len(a)), "labels": [-100] * len(p) + a}
-                 for _, _, p, a in chunk]
-        batch = {k: v.to(device) for k, v in collate(feats).items()}
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = labels[:, 1:]
-        mask = target != -100
-        token_logp = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
-        mean = token_logp.sum(-1) / mask.sum(-1).clamp_min(1)
-        for (i, j, _, _), value in zip(chunk, mean.tolist()):
-            scores[i][j] = value
-    return scores
+def example_ids(kind: str, tokenizer, example: dict, max_length: int) -> list[int]:
+    """Token ids of one example as the model sees it (multiple choice: prompt + correct answer + eos)."""
+    if kind == CLASSIFICATION:
+        return list(C.tokenize_classification(tokenizer, [example], max_length)[0]["input_ids"])
+    return list(MC.training_features(tokenizer, [example], max_length)[0]["input_ids"])

@@ -27,8 +27,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
 from .. import BottleneckConfig, TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
 from ..core.adapter import inject_bottleneck_adapters
@@ -264,11 +264,6 @@ class TSTrainer(Trainer):
 
 
 # ----- evaluation ------------------------------------------------------------------------------------------------
-def _batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 @torch.no_grad()
 def evaluate_model(model: nn.Module, tokenizer, task_data: D.TaskData, max_length: int, batch_size: int,
                    device: torch.device) -> dict[str, Any]:
@@ -277,21 +272,8 @@ def evaluate_model(model: nn.Module, tokenizer, task_data: D.TaskData, max_lengt
     ts_model = unwrap_ts_model(model)
     if ts_model is not None:
         ts_model.reset_stats()
-    examples = task_data.eval
     start = time.perf_counter()
-    if task_data.kind == D.CLASSIFICATION:
-        collate = DataCollatorWithPadding(tokenizer)
-        features = D.classification_features(tokenizer, examples, max_length)
-        correct = 0
-        for chunk in _batches(features, batch_size):
-            batch = {k: v.to(device) for k, v in collate(chunk).items()}
-            labels = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-        accuracy = correct / max(1, len(examples))
-    else:
-        scores = D.mc_option_scores(model, tokenizer, examples, max_length, batch_size, device)
-        accuracy = sum(max(range(len(s)), key=s.__getitem__) == ex["answer"]
-                       for s, ex in zip(scores, examples)) / max(1, len(examples))
+    accuracy = D.accuracy(task_data.kind, model, tokenizer, task_data.eval, batch_size, max_length, device)
     result = {"accuracy": accuracy, "eval_seconds": round(time.perf_counter() - start, 3)}
     if ts_model is not None:
         ts_model.reduce_stats()
@@ -314,12 +296,7 @@ def record_token_masks(model: nn.Module, tokenizer, task_data: D.TaskData, max_l
         gate.record_keep_mask = True
     try:
         for ex in task_data.eval[:n]:
-            if task_data.kind == D.CLASSIFICATION:
-                args = (ex["text"],) if not ex.get("text_pair") else (ex["text"], ex["text_pair"])
-                ids = tokenizer(*args, truncation=True, max_length=max_length)["input_ids"]
-            else:
-                prompt, answer = D.mc_pair_ids(tokenizer, ex["question"], ex["options"][ex["answer"]], max_length)
-                ids = prompt + answer
+            ids = D.example_ids(task_data.kind, tokenizer, ex, max_length)
             for gate in ts_model.gates.values():
                 gate.last_keep_mask = None
             input_ids = torch.tensor([ids], device=device)
@@ -374,18 +351,15 @@ def train(args) -> dict[str, Any]:
     zero_shot = cfg.method == "none" and kind == D.MULTIPLE_CHOICE
     train_seconds, train_steps, final_loss = 0.0, 0, None
     if not zero_shot and task_data.train:
-        if kind == D.CLASSIFICATION:
-            features = D.classification_features(tokenizer, task_data.train, max_length)
-            collator = DataCollatorWithPadding(tokenizer)
-        else:
-            features = D.mc_train_features(tokenizer, task_data.train, max_length)
-            collator = D.PadCollator(tokenizer.pad_token_id)
+        features, collator = D.train_features(kind, tokenizer, task_data.train, max_length)
         training_args = TrainingArguments(
             output_dir=str(out / "checkpoints"), seed=cfg.seed, learning_rate=lr, num_train_epochs=epochs,
             max_steps=cfg.max_steps if cfg.max_steps else -1, per_device_train_batch_size=batch_size,
             weight_decay=DEFAULTS.weight_decay, logging_steps=cfg.logging_steps or DEFAULTS.logging_steps,
             logging_first_step=True, remove_unused_columns=False, report_to=[], save_strategy="no",
             disable_tqdm=False, use_cpu=device.type == "cpu", label_names=["labels"], dataloader_num_workers=0)
+        # Trainer reads model.is_gradient_checkpointing through TSPeftModel's attribute forwarding: not our warning
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         trainer = TSTrainer(model=model, args=training_args, train_dataset=D.ListDataset(features),
                             data_collator=collator, callbacks=[ThresholdCallback(model, out_dir=out)])
         trainer.method = cfg.method

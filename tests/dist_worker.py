@@ -1,0 +1,108 @@
+"""Worker for tests/test_distributed.py: a few DDP steps of a tiny TS model on CPU (gloo).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py OUT_DIR
+
+Every rank trains on its slice of the same global batch and writes OUT_DIR/rank<k>.json with, per step,
+τ, the kept fraction after `reduce_stats()` (global) and before it (local), and the final weights. Two
+models run side by side: "auto" uses `update_thresholds()` as shipped (sums statistics over ranks),
+"scaled" passes an all_reduce that also divides the band sum by the world size (the proposed fix).
+`run_single(global_batch)` is the single-process reference with the whole global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from peft import LoraConfig
+from torch import nn
+
+from tspeft import TokenSelectiveConfig, get_ts_peft_model
+
+STEPS, GLOBAL_BATCH, SEQ, D = 5, 8, 6, 12
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(D, 2 * D)
+        self.act = nn.ReLU()
+        self.lin1 = nn.Linear(2 * D, D)
+
+    def forward(self, x):
+        return self.lin1(self.act(self.lin0(x)))
+
+
+def make_model():
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], init_lora_weights=False)
+    return get_ts_peft_model(MLP(), config, TokenSelectiveConfig(target_kept=0.5, warmup_steps=1))
+
+
+def batch(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(GLOBAL_BATCH, SEQ, D, generator=g)
+    target = torch.randn(GLOBAL_BATCH, SEQ, D, generator=g) * 0.1
+    mask = (torch.rand(GLOBAL_BATCH, SEQ, generator=g) > 0.3).float()
+    mask[:, 0] = 1
+    return x, target, mask
+
+
+def scaled_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Proposed fix: sum over ranks, but average the band sum Σc_i like DDP averages gradients."""
+    reduced = tensor.clone()
+    torch.distributed.all_reduce(reduced)
+    reduced[:, 0] /= torch.distributed.get_world_size()
+    return reduced
+
+
+def train(ts_model, wrapped, rank: int, world: int, all_reduce=None):
+    optimizer = torch.optim.SGD([p for p in ts_model.parameters() if p.requires_grad], lr=0.5)
+    ts_model.train()
+    log = []
+    for step in range(STEPS):
+        x, target, mask = batch(step)
+        rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        x, target, mask = x[rows], target[rows], mask[rows]
+        with ts_model.real_tokens(mask):
+            out = wrapped(x)
+        loss = nn.functional.mse_loss(out, target)  # a per-rank mean: DDP averages the gradients
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ts_model.update_thresholds(all_reduce=all_reduce)
+        local = ts_model.kept_fraction()
+        local_counts = [g.kept_counts.tolist() for g in ts_model.gates.values()]
+        ts_model.reduce_stats()
+        log.append({"tau": ts_model.thresholds(), "kept_global": ts_model.kept_fraction(), "kept_local": local,
+                    "local_counts": local_counts, "kept_targets": ts_model.kept_targets(),
+                    "slopes": ts_model.loss_slopes(), "loss": loss.item()})
+        ts_model.reset_stats()
+    weights = {n: p.detach().flatten().tolist() for n, p in ts_model.named_parameters() if p.requires_grad}
+    return {"log": log, "weights": weights}
+
+
+def run_single():
+    ts_model = make_model()
+    return train(ts_model, ts_model, 0, 1)
+
+
+def main(out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.set_num_threads(1)
+    result = {"world": world, "backend": torch.distributed.get_backend()}
+    for name, all_reduce in (("auto", None), ("scaled", scaled_sum)):
+        ts_model = make_model()
+        ddp = nn.parallel.DistributedDataParallel(ts_model)
+        result[name] = train(ts_model, ddp, rank, world, all_reduce)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+        json.dump(result, handle)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
