@@ -29,7 +29,7 @@ SUITES = {
                 "flags": ["--n-train", "2000", "--n-eval", "1000", "--epochs", "1"], "sweep_task": "rotten_tomatoes"},
     "decoder": {"model": "smollm2", "tasks": ["piqa", "obqa", "boolq_mc"],
                 "methods": ["none", "lora", "ts-lora", "dora", "ts-dora", "adapter", "ts-adapter"],
-                "flags": ["--n-train", "400", "--n-eval", "300", "--max-steps", "60"], "sweep_task": "piqa"},
+                "flags": ["--n-train", "200", "--n-eval", "200", "--max-steps", "50"], "sweep_task": "piqa"},
 }
 SWEEP_KEPT = ["0.9", "0.7", "0.5", "0.3"]
 KEYS = ("task", "model", "method", "seed", "target_kept")

@@ -81,7 +81,7 @@ def test_bf16_autocast_forward_backward_and_tau_rule(method):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     torch.manual_seed(1)
-    for step in range(12):
+    for step in range(10):
         x = torch.randn(8, 6, 12)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
@@ -94,7 +94,7 @@ def test_bf16_autocast_forward_backward_and_tau_rule(method):
         optimizer.step()
         optimizer.zero_grad()
         model.update_thresholds()
-        if step == 9:
+        if step == 7:
             model.reset_stats()
     taus = model.thresholds()
     assert all(math.isfinite(t) and t > 0 for t in taus.values()), taus
@@ -202,7 +202,7 @@ def test_reentrant_checkpointing_without_padding_is_exact():
 # ------------------------------------------------------------------------------------------------------------
 # torch.compile
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,backend", [("lora", "aot_eager")])
+@pytest.mark.parametrize("method,backend", [("lora", "eager")])  # aot_eager agrees too (slower)
 def test_torch_compile_gives_same_outputs_and_statistics(method, backend):
     """Graph breaks (listed in docs/distributed.md) but the same outputs, gradients, statistics and τ."""
     torch._dynamo.reset()
@@ -333,7 +333,7 @@ def test_trainer_checkpoint_resume_matches_uninterrupted(tmp_path):
 
     torch.manual_seed(0)
     rows = [{"input_ids": torch.randint(1, 50, (8,)), "attention_mask": torch.tensor([1] * (4 + i % 5) + [0] * (4 - i % 5)),
-             "labels": torch.tensor(i % 2)} for i in range(48)]
+             "labels": torch.tensor(i % 2)} for i in range(32)]
 
     def run(out_dir, max_steps, resume=None):
         torch.manual_seed(1)
@@ -349,15 +349,15 @@ def test_trainer_checkpoint_resume_matches_uninterrupted(tmp_path):
         losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
         return model, losses
 
-    full, full_losses = run(tmp_path / "full", 10)
+    full, full_losses = run(tmp_path / "full", 8)
     first, _ = run(tmp_path / "part", 4)
     checkpoint = tmp_path / "part" / "checkpoint-4"
     assert checkpoint.is_dir()
-    resumed, resumed_losses = run(tmp_path / "part", 10, resume=str(checkpoint))
-    assert int(resumed.rule_step) == int(full.rule_step) == 10
+    resumed, resumed_losses = run(tmp_path / "part", 8, resume=str(checkpoint))
+    assert int(resumed.rule_step) == int(full.rule_step) == 8
     assert resumed.thresholds() == pytest.approx(full.thresholds(), rel=1e-5, abs=1e-7)
     assert any(t > 0 for t in full.thresholds().values())
-    for step in range(5, 11):
+    for step in range(5, 9):
         assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-4), step
 
 
@@ -432,6 +432,7 @@ def test_killed_save_leaves_a_loadable_folder(tmp_path):
             assert i in (done[-1], done[-1] + 1), (i, done[-3:])
         outcomes.append(i)
     assert _loaded_state_number(tmp_path / "earlier") == 0
+    print(f"\n[killed saves] loaded state after each kill: {outcomes}")
     assert any(isinstance(o, int) for o in outcomes), outcomes
 
 
