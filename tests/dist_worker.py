@@ -3,9 +3,8 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py OUT_DIR
 
 Every rank trains on its slice of the same global batch and writes OUT_DIR/rank<k>.json with, per step,
-τ, the kept fraction after `reduce_stats()` (global) and before it (local), and the final weights. Two
-models run side by side: "auto" uses `update_thresholds()` as shipped (sums statistics over ranks),
-"scaled" passes an all_reduce that also divides the band sum by the world size (the proposed fix).
+τ, the kept fraction after `reduce_stats()` (global) and before it (local), and the final weights, under
+"auto" (`update_thresholds()` reduces its statistics over ranks by itself).
 `run_single(global_batch)` is the single-process reference with the whole global batch.
 """
 
@@ -50,14 +49,6 @@ def batch(step: int):
     return x, target, mask
 
 
-def scaled_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Proposed fix: sum over ranks, but average the band sum Σc_i like DDP averages gradients."""
-    reduced = tensor.clone()
-    torch.distributed.all_reduce(reduced)
-    reduced[:, 0] /= torch.distributed.get_world_size()
-    return reduced
-
-
 def train(ts_model, wrapped, rank: int, world: int, all_reduce=None):
     optimizer = torch.optim.SGD([p for p in ts_model.parameters() if p.requires_grad], lr=0.5)
     ts_model.train()
@@ -94,7 +85,7 @@ def main(out_dir: str) -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.set_num_threads(1)
     result = {"world": world, "backend": torch.distributed.get_backend()}
-    for name, all_reduce in (("auto", None), ("scaled", scaled_sum)):
+    for name, all_reduce in (("auto", None),):
         ts_model = make_model()
         ddp = nn.parallel.DistributedDataParallel(ts_model)
         result[name] = train(ts_model, ddp, rank, world, all_reduce)

@@ -233,8 +233,7 @@ def test_gate_properties(case):
 @pytest.mark.parametrize("method", ["lora", "dora", "adapter"])
 def test_infinite_tau_is_moved_by_the_rule(method):
     """`set_thresholds` documents "+inf drops every update. The τ rule may move it again". With
-    τ = +inf, (1 − α)·τ + α·Q = +inf for ever, so the module stays switched off (kept fraction 0) whatever
-    the rule decides. CORE BUG (tau_rule.update_thresholds): see the patch in docs/distributed.md."""
+    τ = +inf a smoothed update (1 − α)·τ + α·Q would stay +inf for ever; the rule must restart from Q."""
     ts_model, _, _ = build(method, 1, 6, 6, torch.float32, 0)
     ts_model.set_thresholds(math.inf)
     ts_model.train()

@@ -1,7 +1,4 @@
 """Robustness: mixed precision, activation checkpointing, torch.compile, resuming, killed saves, corrupt files.
-
-Tests named `test_core_bug_*` fail on purpose against the current core: each shows one defect; the
-proposed patch is in docs/distributed.md ("Core defects found").
 """
 
 from __future__ import annotations
@@ -103,7 +100,7 @@ def test_bf16_autocast_forward_backward_and_tau_rule(method):
     assert 0.2 < model.kept_fraction() < 0.8
 
 
-def test_core_bug_gate_statistics_lose_precision_when_the_model_is_cast_to_bf16():
+def test_gate_statistics_keep_precision_when_the_model_is_cast_to_bf16():
     """`ts_model.to(torch.bfloat16)` (or FSDP MixedPrecision(buffer_dtype=bf16)) casts τ and the float64
     statistics buffers too: bf16 represents integers exactly only up to 256, so token counts and the
     r histogram (hence the quantiles that set τ) go wrong, and τ itself is rounded."""
@@ -118,7 +115,7 @@ def test_core_bug_gate_statistics_lose_precision_when_the_model_is_cast_to_bf16(
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_core_bug_bottleneck_adapter_on_half_precision_base(dtype):
+def test_bottleneck_adapter_on_half_precision_base(dtype):
     """peft's LoRA keeps fp32 adapter weights on a fp16/bf16 base and casts its input; `BottleneckLayer`
     builds fp32 layers and does not cast, so the first forward on a half-precision base crashes."""
     torch.manual_seed(0)
@@ -188,7 +185,7 @@ def test_gradient_checkpointing_gives_same_gradients_and_statistics(case, mode="
 
 
 @pytest.mark.parametrize("case", ["bert-lora", "llama-dora"])
-def test_core_bug_reentrant_checkpointing_counts_pad_tokens_in_the_band(case):
+def test_reentrant_checkpointing_counts_real_tokens_only_in_the_band(case):
     """use_reentrant=True runs the forward under no_grad and re-runs it in backward, where the band hooks are
     registered; by then the post-forward hook has reset the attention mask to None, so pad tokens enter the
     band (band count 26 vs 18 for bert-lora). Cases without padding (llama-lora) agree."""
@@ -465,7 +462,7 @@ def test_missing_weights_file_gives_value_error(saved):
 
 
 @pytest.mark.parametrize("damage", ["drop_weights_file", "not_a_dict", "drop_ts_config"])
-def test_core_bug_damaged_manifest_gives_value_error(saved, damage):
+def test_damaged_manifest_gives_value_error(saved, damage):
     """A manifest that is valid JSON but not a tspeft manifest raises KeyError/AttributeError, not ValueError."""
     path = saved / "ts_config.json"
     manifest = json.loads(path.read_text())

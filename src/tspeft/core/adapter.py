@@ -62,7 +62,8 @@ class BottleneckLayer(nn.Module):
 
     def forward(self, x):
         h = self.base_layer(x)
-        return h + self.adapter_up(self.adapter_act(self.adapter_down(h)))
+        update = self.adapter_up(self.adapter_act(self.adapter_down(h.to(self.adapter_down.weight.dtype))))
+        return h + update.to(h.dtype)
 
 
 def inject_bottleneck_adapters(model: nn.Module, config: BottleneckConfig) -> list[str]:

@@ -40,6 +40,16 @@ class TokenGate(nn.Module):
         self.record_keep_mask = False  # analysis: keep the last forward's mask in `last_keep_mask`
         self.last_keep_mask: torch.Tensor | None = None
 
+    def _apply(self, fn, recurse=True):
+        # `.to(torch.bfloat16)` on the model must not round τ or token counts: keep their precision.
+        super()._apply(fn, recurse)
+        self.tau.data = self.tau.data.float()
+        for name, buffer in self._buffers.items():
+            self._buffers[name] = buffer.double() if buffer.dtype == torch.float64 or name in self._COUNTS else buffer.float()
+        return self
+
+    _COUNTS = ("r_histogram", "band_stats", "kept_counts")
+
     @staticmethod
     def relative_magnitude(update_norm: torch.Tensor, base_norm: torch.Tensor) -> torch.Tensor:
         """r = ‖M x‖ / ‖W0 x‖ in fp32; a zero base output gives r = 0 for a zero update, else a large finite r."""

@@ -93,6 +93,11 @@ def read_adapter_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{manifest_path} is corrupt (not valid JSON: {error})") from None
+    required = ("format_version", "weights_file", "weights_sha256", "base_method", "ts_config", "peft_config",
+                "gated_modules")
+    if not isinstance(manifest, dict) or any(key not in manifest for key in required):
+        missing = [k for k in required if not isinstance(manifest, dict) or k not in manifest]
+        raise ValueError(f"{manifest_path} is corrupt: not a tspeft manifest (missing {missing})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{manifest_path}: format_version {manifest.get('format_version')!r} is not supported "
                          f"(this tspeft reads version {FORMAT_VERSION})")

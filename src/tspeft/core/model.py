@@ -63,8 +63,9 @@ class TSPeftModel(nn.Module):
                 module.ts_gate = gate  # a child module, so τ shows up in state_dict()/named_parameters()
                 self.gates[name] = gate
                 self._hooks.append(self._attach(module, gate))
+        # Every call of the inner model sets the mask (None without attention_mask). It is not cleared after
+        # the forward: reentrant activation checkpointing re-runs the layers during backward and needs it.
         self._hooks.append(inner.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
-        self._hooks.append(inner.register_forward_hook(lambda *_: self._set_mask(None)))
 
     def _attach(self, module: nn.Module, gate: TokenGate):
         if isinstance(module, BottleneckLayer):
@@ -120,7 +121,7 @@ class TSPeftModel(nn.Module):
         """One τ-rule step (call after each optimizer step). Under torch.distributed, statistics are summed over ranks."""
         self.rule_step += 1
         if all_reduce is None and torch.distributed.is_available() and torch.distributed.is_initialized():
-            all_reduce = _distributed_sum
+            all_reduce = _distributed_rule_statistics
         update_thresholds(list(self.gates.values()), self.ts_config, int(self.rule_step), all_reduce)
 
     def sparsity(self) -> dict[str, float | None]:
@@ -261,6 +262,13 @@ def _is_bottleneck_key(key: str, config: BottleneckConfig) -> bool:
     if ".adapter_down." in key or ".adapter_up." in key:
         return True
     return any(f"{m}." in f".{key}" for m in (config.modules_to_save or []))
+
+
+def _distributed_rule_statistics(stats: torch.Tensor) -> torch.Tensor:
+    reduced = _distributed_sum(stats)
+    # Each rank's c_i come from its own mean loss, and DDP averages gradients over ranks: average Σc_i too.
+    reduced[:, 0] /= torch.distributed.get_world_size()
+    return reduced
 
 
 def _distributed_sum(tensor: torch.Tensor) -> torch.Tensor:

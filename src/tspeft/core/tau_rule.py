@@ -21,6 +21,7 @@ Q_m comes from a histogram of log10 r, so every statistic is a sum and can be al
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -102,5 +103,5 @@ def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step
         if u >= 1.0:
             gate.tau.fill_(0.0)
         else:
-            alpha = config.tau_smoothing
+            alpha = config.tau_smoothing if math.isfinite(float(gate.tau)) else 1.0  # τ = inf (set by hand) restarts
             gate.tau.fill_(max(0.0, (1 - alpha) * float(gate.tau) + alpha * q(1 - u)))
