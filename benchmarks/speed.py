@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from tspeft.core.attach import _norm_without_bias  # noqa: E402
 from tspeft import TokenSelectiveConfig, get_ts_peft_model
 
 RANK = 8
@@ -322,7 +323,7 @@ def _skip_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     result = self.base_layer(x, *args, **kwargs)
     lora_a, lora_b, scaling = _lora_parts(self)
     bias = self.base_layer.bias
-    base_norm = torch.linalg.vector_norm(result if bias is None else result - bias, dim=-1, dtype=torch.float32)
+    base_norm = _norm_without_bias(result, bias, -1)  # core's own norm, so both gates decide identically
     z = lora_a(x)
     weight_b = lora_b.weight.float()
     gram = weight_b.T @ weight_b

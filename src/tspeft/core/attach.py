@@ -39,12 +39,19 @@ class TokenMask:
 
 
 def _norm_without_bias(output: torch.Tensor, bias: torch.Tensor | None, feature_dim: int) -> torch.Tensor:
-    if bias is not None:
-        shape = [1] * output.dim()
-        shape[feature_dim] = -1
-        output = output - bias.view(shape)
-    # fp32 accumulation: ‖·‖² of fp16/bf16 activations would overflow.
-    return torch.linalg.vector_norm(output, dim=feature_dim, dtype=torch.float32)
+    """‖output − b‖ per token, accumulated in fp32 (‖·‖² of fp16/bf16 activations would overflow)."""
+    if bias is None:
+        return torch.linalg.vector_norm(output, dim=feature_dim, dtype=torch.float32)
+    if output.dtype == torch.float32:
+        # ‖o − b‖² = ‖o‖² − 2⟨o, b⟩ + ‖b‖²: no tokens × features temporary (it cost ~15 % of the base matmul).
+        # Rounding error ≈ 1e-7 ‖b‖² / ‖W0 x‖² relative: 1e-3 even when ‖W0 x‖ is 1 % of ‖b‖.
+        b = bias.detach().float()
+        squared = (torch.linalg.vector_norm(output, dim=feature_dim).square()
+                   - 2 * (output.movedim(feature_dim, -1) @ b) + b.dot(b))
+        return squared.clamp_min(0).sqrt()
+    shape = [1] * output.dim()
+    shape[feature_dim] = -1
+    return torch.linalg.vector_norm(output - bias.view(shape), dim=feature_dim, dtype=torch.float32)
 
 
 class _Hooks:
@@ -87,9 +94,8 @@ class LoraDownProjectionHooks(_Hooks):
         keep = self.gate(r, real)
         gated = z * keep.unsqueeze(-1).to(z.dtype)
         if self._wants_band(gated):
-            band = self.gate.in_band(r, real)
-            z_band = z32[band]
-            gated.register_hook(lambda grad: self.gate.record_band((grad[band].float() * z_band).sum(-1)))
+            band = self.gate.in_band(r, real)  # z is rank-sized: keep it whole rather than index (no GPU sync)
+            gated.register_hook(lambda grad: self.gate.record_band((grad.float() * z32).sum(-1), band))
         return gated
 
 

@@ -64,16 +64,18 @@ class TokenGate(nn.Module):
             self.last_keep_mask = keep.detach().cpu()
         if torch._C._current_graph_task_id() != -1:
             return keep  # recomputation inside backward (activation checkpointing): already counted
-        with torch.no_grad():
-            real_r = r if real is None else r[real]
-            self.kept_counts[0] += (real_r >= self.tau).sum()
-            self.kept_counts[1] += real_r.numel()
-            self.kept_counts[2] += real_r.double().sum()
-            if self.training and self.collect_rule_stats and real_r.numel():
+        with torch.no_grad():  # masked sums, not boolean indexing: no host-device sync on GPUs
+            weight = torch.ones_like(r) if real is None else real.to(r.dtype)
+            self.kept_counts[0] += (keep * weight).sum()
+            self.kept_counts[1] += weight.sum()
+            self.kept_counts[2] += (r.double() * weight).sum()
+            if self.training and self.collect_rule_stats:
                 lo, hi = self.config.log10_r_range
-                log_r = torch.log10(real_r.clamp(min=10**lo, max=10**hi))
-                self.r_histogram += torch.histc(log_r, self.config.histogram_bins, lo, hi).double()
-                self.band_stats[2] += real_r.numel()
+                bins = self.config.histogram_bins
+                log_r = torch.log10(r.clamp(min=10**lo, max=10**hi))
+                index = ((log_r - lo) * (bins / (hi - lo))).long().clamp_(0, bins - 1)
+                self.r_histogram.scatter_add_(0, index.flatten(), weight.flatten().to(self.r_histogram.dtype))
+                self.band_stats[2] += weight.sum()
         return keep
 
     def in_band(self, r: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
@@ -81,10 +83,13 @@ class TokenGate(nn.Module):
         band = (r >= self.band_low) & (r <= self.band_high)
         return band if real is None else band & real
 
-    def record_band(self, loss_changes: torch.Tensor) -> None:
-        """Add c_i = ⟨∂L/∂h_i, M(x_i)⟩ of band tokens: the first-order loss change from keeping token i."""
-        self.band_stats[0] += loss_changes.double().sum()
-        self.band_stats[1] += loss_changes.numel()
+    def record_band(self, loss_changes: torch.Tensor, in_band: torch.Tensor | None = None) -> None:
+        """Add c_i = ⟨∂L/∂h_i, M(x_i)⟩ of band tokens (all of `loss_changes`, or where `in_band`):
+        the first-order loss change from keeping token i."""
+        if in_band is None:
+            in_band = torch.ones_like(loss_changes, dtype=torch.bool)
+        self.band_stats[0] += (loss_changes.double() * in_band).sum()
+        self.band_stats[1] += in_band.sum()
 
     def clear_rule_stats(self) -> None:
         self.r_histogram.zero_()
