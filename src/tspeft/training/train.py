@@ -79,6 +79,9 @@ class TrainConfig:
     n_eval: int | None = None
     device: str = "auto"
     logging_steps: int | None = None
+    modules_from: str | None = None  # an importance.json written by `tspeft importance`
+    top_k: int | None = None
+    criterion: str = "kept_fraction"
 
     @classmethod
     def from_namespace(cls, args) -> "TrainConfig":
@@ -343,7 +346,13 @@ def train(args) -> dict[str, Any]:
     set_seed(cfg.seed)
     base, tokenizer = load_base(model_name, kind, task_data.num_labels)
     set_seed(cfg.seed)
-    model = build_model(cfg.method, base, kind, rank=cfg.rank, target_kept=target_kept, warmup_steps=warmup)
+    targets = None
+    if cfg.modules_from:
+        from ..analysis.importance import top_k_modules
+
+        targets = top_k_modules(cfg.modules_from, cfg.criterion, cfg.top_k)
+    model = build_model(cfg.method, base, kind, rank=cfg.rank, target_modules=targets, target_kept=target_kept,
+                        warmup_steps=warmup)
     ts_model = unwrap_ts_model(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -397,6 +406,8 @@ def train(args) -> dict[str, Any]:
         "device": device.type, "linear_probe": cfg.method == "none" and kind == D.CLASSIFICATION,
         "zero_shot": zero_shot,
         "data": {"task": cfg.task, "data": cfg.data, "eval_data": cfg.eval_data, "columns": _columns(cfg)},
+        "target_modules": targets, "modules_from": cfg.modules_from, "top_k": cfg.top_k,
+        "criterion": cfg.criterion if cfg.modules_from else None,
     }
     metrics = _clean(metrics)
     _write_json(out / "metrics.json", metrics)
