@@ -116,3 +116,39 @@ def test_setup_calls_prepare_all(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(resources, "prepare_all", lambda log=print: calls.append(log) or {"minilm": tmp_path})
     assert main(["setup"]) == 0
     assert calls and "setup complete" in capsys.readouterr().out
+
+
+def test_importance_then_train_on_top_modules(tmp_path, bert_dir, data_file, capsys):
+    run = tmp_path / "ts"
+    common = ["--data", str(data_file), "--model", str(bert_dir), "--max-steps", "3", "--warmup-steps", "1",
+              "--batch-size", "8", "--max-length", "24", "--device", "cpu", "--no-report"]
+    main(["train", *common, "--method", "ts-lora", "--out", str(run)])
+    assert main(["importance", "--adapter", str(run), "--n-batches", "2"]) == 0
+    assert "importance.json" in capsys.readouterr().out
+    result = json.loads((run / "importance.json").read_text())
+    assert {"kept_fraction", "relative_magnitude", "delta_weight_norm", "factor_norm", "random"} <= set(result["scores"])
+    assert (run / "importance.png").is_file()
+    again = json.loads(json.dumps(result["ranking"]))
+    main(["importance", "--adapter", str(run), "--n-batches", "2", "--out", str(tmp_path / "again.json")])
+    assert json.loads((tmp_path / "again.json").read_text())["ranking"] == again  # deterministic for a seed
+
+    top = tmp_path / "top"
+    main(["train", *common, "--method", "lora", "--modules-from", str(run / "importance.json"), "--top-k", "3",
+          "--out", str(top)])
+    metrics = json.loads((top / "metrics.json").read_text())
+    assert metrics["target_modules"] == result["ranking"]["kept_fraction"][:3]
+
+
+def test_importance_refuses_a_dense_adapter(tmp_path, bert_dir, data_file, capsys):
+    run = tmp_path / "dense"
+    main(["train", "--data", str(data_file), "--model", str(bert_dir), "--method", "lora", "--max-steps", "1",
+          "--device", "cpu", "--no-report", "--out", str(run)])
+    assert "not a token-selective adapter folder" in fails(["importance", "--adapter", str(run)], capsys)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--top-k", "2"], "give both or neither"),
+    (["--modules-from", "missing.json", "--top-k", "2"], "argument --modules-from: no such file"),
+])
+def test_modules_from_flag_errors(extra, message, capsys):
+    assert message in fails(["train", "--task", "rotten_tomatoes", "--out", "x", *extra], capsys)
