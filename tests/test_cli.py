@@ -68,6 +68,9 @@ def test_train_eval_report(tmp_path, bert_dir, data_file, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["target_kept"] == 0.5 and metrics["train_steps"] == 4
     assert (out / "report.html").is_file()
+    stats = json.loads((out / "token_stats.json").read_text())
+    assert set(stats) >= {"by_kind", "by_position", "most_kept_tokens", "least_kept_tokens"}
+    assert "Which kinds of tokens are kept" in (out / "report.html").read_text()
 
     assert main(["eval", "--adapter", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out

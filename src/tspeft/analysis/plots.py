@@ -217,3 +217,24 @@ def plot_importance(scores: Mapping[str, Mapping[str, float | None]], path: Path
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_token_kinds(by_kind: Mapping[str, Mapping[str, Mapping]], by_position: Mapping[str, Mapping[str, Mapping]],
+                     path: Path, title: str) -> Path:
+    """Kept fraction per layer, one line per token kind (left) and per position bucket (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    for ax, table, what in ((axes[0], by_kind, "token kind"), (axes[1], by_position, "position")):
+        layers = sorted(table, key=int)
+        keys = sorted({k for layer in layers for k in table[layer]},
+                      key=lambda k: (int(k.split("-")[0].rstrip("+")) if k[0].isdigit() else 0, k))
+        for key in keys:
+            ax.plot([int(layer) for layer in layers],
+                    [table[layer].get(key, {}).get("kept_fraction", np.nan) for layer in layers], marker="o", label=key)
+        ax.set_xlabel("layer")
+        ax.set_title(f"by {what}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("kept fraction")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -287,6 +287,32 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         '<p class="note">No token masks were recorded for this run (token_masks.json is missing or holds no '
         "usable examples), so there are no per-token heatmaps.</p>"))
 
+    # 4b. token kinds, positions and vocabulary (token_stats.json, written by `tspeft train` for ts-* runs)
+    stats_path = Path(run_dir) / "token_stats.json"
+    if stats_path.is_file():
+        try:
+            stats = json.loads(stats_path.read_text())
+            png = plots.plot_token_kinds(stats["by_kind"], stats["by_position"], fig_dir / "token_kinds.png",
+                                         "Kept fraction by token kind and position")
+            kinds = sorted({k for layer in stats["by_kind"].values() for k in layer})
+            head = "".join(f"<th>{esc(k)}</th>" for k in kinds)
+            body = "".join(
+                f"<tr><th>{esc(layer)}</th>" + "".join(
+                    f"<td>{esc(_fmt(stats['by_kind'][layer].get(k, {}).get('kept_fraction')))}</td>" for k in kinds)
+                + "</tr>" for layer in sorted(stats["by_kind"], key=int))
+            vocab = "".join(f"<tr><td>{esc(t)}</td><td>{esc(_fmt(f))}</td><td>{n}</td><td>{esc(t2)}</td>"
+                            f"<td>{esc(_fmt(f2))}</td><td>{n2}</td></tr>"
+                            for (t, f, n), (t2, f2, n2) in zip(stats["most_kept_tokens"], stats["least_kept_tokens"]))
+            sections.append(
+                "<h2>Which kinds of tokens are kept</h2>" + figure(
+                    png, f"Kept fraction per layer by token kind and by position, measured on the "
+                         f"{esc(stats.get('measured_on', 'eval examples'))} ({esc(stats.get('note', ''))}).")
+                + f"<table><tr><th>layer</th>{head}</tr>{body}</table>"
+                + "<h3>Most and least kept tokens</h3><table><tr><th>most kept</th><th>kept</th><th>seen</th>"
+                  f"<th>least kept</th><th>kept</th><th>seen</th></tr>{vocab}</table>")
+        except (ValueError, KeyError, TypeError) as error:
+            notes.append(f"token_stats.json could not be used ({error}); no token-kind section.")
+
     # 5. loss
     if log and any(to_float(r.get("loss")) is not None for r in log):
         png = plots.plot_loss(steps, [to_float(r.get("loss")) for r in log], fig_dir / "loss.png")

@@ -319,6 +319,20 @@ def record_token_masks(model: nn.Module, tokenizer, task_data: D.TaskData, max_l
     return {"examples": examples}
 
 
+def token_stats_on_eval(model: nn.Module, tokenizer, task_data: D.TaskData, max_length: int, batch_size: int,
+                        device: torch.device, n_examples: int = 256) -> dict[str, Any]:
+    """Which tokens the gates keep, by kind / position / vocabulary item, over the first eval examples."""
+    from ..analysis.token_stats import token_statistics
+
+    ts_model = unwrap_ts_model(model)
+    features, collate = D.train_features(task_data.kind, tokenizer, task_data.eval[:n_examples], max_length)
+    batches = ({k: v.to(device) for k, v in collate(features[i:i + batch_size]).items()}
+               for i in range(0, len(features), batch_size))
+    stats = token_statistics(ts_model, tokenizer, batches)
+    ts_model.reset_stats()
+    return {**stats, "measured_on": f"first {len(features)} eval examples"}
+
+
 # ----- training --------------------------------------------------------------------------------------------------
 def _write_json(path: Path, value: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2, default=str)))
@@ -385,6 +399,7 @@ def train(args) -> dict[str, Any]:
     masks = record_token_masks(model, tokenizer, task_data, max_length, device)
     if masks is not None:
         _write_json(out / "token_masks.json", masks)
+        _write_json(out / "token_stats.json", token_stats_on_eval(model, tokenizer, task_data, max_length, eval_batch, device))
     save_adapter(model, cfg.method, out)
 
     metrics = {
