@@ -19,17 +19,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from tspeft import BottleneckConfig, TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
-
-
-class MLP(nn.Module):
-    def __init__(self, d: int = 12):
-        super().__init__()
-        self.lin0 = nn.Linear(d, 2 * d)
-        self.act = nn.ReLU()
-        self.lin1 = nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        return self.lin1(self.act(self.lin0(x)))
+from test_core import MLP
 
 
 def lora(targets, dora=False, r=4):
