@@ -1,0 +1,74 @@
+"""Budgeted module selection: does learned token sparsity pick better modules than weight criteria?
+
+1. Train TS-LoRA on all target modules once (`tspeft train --method ts-lora`).
+2. `tspeft importance` ranks the modules by every criterion (kept fraction, mean r, ‖BA‖, ‖A‖‖B‖, random).
+3. For each criterion and k = 25 % / 50 % of the modules, retrain plain LoRA on the top-k modules only
+   (same rank, steps, lr), for each seed, and record the accuracy.
+
+Results are appended to benchmarks/results/importance.json (resumable); `make_tables.py` renders them.
+
+    python benchmarks/importance_selection.py --suite encoder   # MiniLM-L6 on rotten_tomatoes
+    python benchmarks/importance_selection.py --suite decoder   # SmolLM2-135M on piqa
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))
+
+from quality import SUITES, load_records, save_records  # noqa: E402
+from tspeft.cli.main import main as tspeft_main  # noqa: E402
+
+TASK = {"encoder": "rotten_tomatoes", "decoder": "piqa"}
+CRITERIA = ("kept_fraction", "relative_magnitude", "delta_weight_norm", "factor_norm", "random")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(TASK), required=True)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--fractions", default="0.25,0.5")
+    parser.add_argument("--runs-dir", default="runs/importance")
+    parser.add_argument("--results", default=str(ROOT / "results" / "importance.json"))
+    args = parser.parse_args(argv)
+    suite, task = SUITES[args.suite], TASK[args.suite]
+    runs = Path(args.runs_dir) / args.suite
+    common = ["--task", task, "--model", suite["model"], *suite["flags"], "--no-report"]
+
+    source = runs / "ts-lora-all"
+    if not (source / "metrics.json").is_file():
+        tspeft_main(["train", *common, "--method", "ts-lora", "--seed", "0", "--out", str(source)])
+    importance = source / "importance.json"
+    if not importance.is_file():
+        tspeft_main(["importance", "--adapter", str(source)])
+    n_modules = len(json.loads(importance.read_text())["ranking"]["kept_fraction"])
+
+    results = Path(args.results)
+    records = load_records(results)
+    done = {(r["suite"], r["criterion"], r["k"], r["seed"]) for r in records}
+    for fraction in (float(f) for f in args.fractions.split(",")):
+        k = max(1, round(fraction * n_modules))
+        for criterion in CRITERIA:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                if (args.suite, criterion, k, seed) in done:
+                    continue
+                out = runs / f"lora-{criterion}-k{k}-s{seed}"
+                tspeft_main(["train", *common, "--method", "lora", "--seed", str(seed), "--modules-from",
+                             str(importance), "--top-k", str(k), "--criterion", criterion, "--out", str(out)])
+                metrics = json.loads((out / "metrics.json").read_text())
+                records.append({"suite": args.suite, "task": task, "model": suite["model"], "criterion": criterion,
+                                "k": k, "fraction": fraction, "n_modules": n_modules, "seed": seed,
+                                "accuracy": metrics["accuracy"], "target_modules": metrics["target_modules"],
+                                "train_seconds": metrics["train_seconds"], "sizes": " ".join(suite["flags"])})
+                save_records(results, records)
+                print(f"[importance] {criterion} k={k} seed {seed}: accuracy {metrics['accuracy']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
