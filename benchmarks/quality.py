@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
+
+import torch  # noqa: E402
 
 from tspeft.cli.main import main as tspeft_main  # noqa: E402
 from tspeft.core.io import atomic_write  # noqa: E402
@@ -33,6 +37,7 @@ SUITES = {
 }
 SWEEP_KEPT = ["0.9", "0.7", "0.5", "0.3"]
 KEYS = ("task", "model", "method", "seed", "target_kept")
+MACHINE = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
 def load_records(path: Path) -> list[dict]:
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             record = {k: metrics.get(k) for k in ("task", "method", "seed", "accuracy", "kept_fraction",
                                                   "train_seconds", "trainable_params", "per_module", "n_train", "n_eval")}
             record.update(model=suite["model"], suite=args.suite, target_kept=key_target,
-                          sizes=" ".join(suite["flags"]))
+                          sizes=" ".join(suite["flags"]), machine=MACHINE + f", device {metrics.get('device')}")
             records.append(record)
             save_records(results, records)
             print(f"[quality] {task} {method} seed {seed}: accuracy {record['accuracy']:.4f} "
