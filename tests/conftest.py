@@ -49,3 +49,11 @@ def tiny_llama(tiny_tokenizer) -> LlamaForCausalLM:
                          pad_token_id=tiny_tokenizer.pad_token_id, bos_token_id=tiny_tokenizer.bos_token_id,
                          eos_token_id=tiny_tokenizer.eos_token_id)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def bert_dir(tmp_path, tiny_bert, tiny_tokenizer):
+    folder = tmp_path / "bert"
+    tiny_bert.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

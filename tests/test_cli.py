@@ -11,14 +11,6 @@ from test_training import write_classification
 
 
 @pytest.fixture
-def bert_dir(tmp_path, tiny_bert, tiny_tokenizer):
-    folder = tmp_path / "bert"
-    tiny_bert.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
 def data_file(tmp_path):
     return write_classification(tmp_path / "train.jsonl", n=40)
 

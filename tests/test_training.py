@@ -40,14 +40,6 @@ def write_multiple_choice(path, n=24, seed=0):
 
 
 @pytest.fixture
-def bert_dir(tmp_path, tiny_bert, tiny_tokenizer):
-    folder = tmp_path / "bert"
-    tiny_bert.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
 def llama_dir(tmp_path, tiny_llama, tiny_tokenizer):
     folder = tmp_path / "llama"
     tiny_llama.save_pretrained(folder)
