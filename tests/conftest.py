@@ -51,9 +51,18 @@ def tiny_llama(tiny_tokenizer) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def _saved(folder, model, tokenizer):
+    """A model folder loadable by from_pretrained, as `--model PATH` expects."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def bert_dir(tmp_path, tiny_bert, tiny_tokenizer):
-    folder = tmp_path / "bert"
-    tiny_bert.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
+    return _saved(tmp_path / "bert", tiny_bert, tiny_tokenizer)
+
+
+@pytest.fixture
+def llama_dir(tmp_path, tiny_llama, tiny_tokenizer):
+    return _saved(tmp_path / "llama", tiny_llama, tiny_tokenizer)

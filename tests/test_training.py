@@ -39,14 +39,6 @@ def write_multiple_choice(path, n=24, seed=0):
     return path
 
 
-@pytest.fixture
-def llama_dir(tmp_path, tiny_llama, tiny_tokenizer):
-    folder = tmp_path / "llama"
-    tiny_llama.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def read_log(folder):
     return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
 

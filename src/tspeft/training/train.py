@@ -52,9 +52,10 @@ _UNSET = "default"  # target_kept not given: DEFAULTS.target_kept for ts-* metho
 
 
 # ----- configuration ---------------------------------------------------------------------------------------------
-@dataclass
-class TrainConfig:
-    out: str
+@dataclass(kw_only=True)
+class RunInputs:
+    """What a run reads (shared by training and evaluation): data, columns, base model, sizes, device."""
+
     task: str | None = None
     data: str | None = None
     eval_data: str | None = None
@@ -65,28 +66,33 @@ class TrainConfig:
     options_column: str = "options"
     answer_column: str = "answer"
     model: str | None = None
-    method: str = "ts-lora"
     seed: int = 0
+    max_length: int | None = None
+    batch_size: int | None = None
+    n_train: int | None = None
+    n_eval: int | None = None
+    device: str = "auto"
+
+    @classmethod
+    def from_namespace(cls, args):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+@dataclass(kw_only=True)
+class TrainConfig(RunInputs):
+    out: str
+    method: str = "ts-lora"
     epochs: float | None = None
     max_steps: int | None = None
     lr: float | None = None
     rank: int | None = None
     target_kept: Any = _UNSET  # float in (0, 1], None (loss-driven rule) or "default"
     warmup_steps: int | None = None
-    max_length: int | None = None
-    batch_size: int | None = None
-    n_train: int | None = None
-    n_eval: int | None = None
-    device: str = "auto"
     logging_steps: int | None = None
     modules_from: str | None = None  # an importance.json written by `tspeft importance`
     top_k: int | None = None
     criterion: str = "kept_fraction"
-
-    @classmethod
-    def from_namespace(cls, args) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def resolve_target_kept(method: str, target_kept: Any) -> float | None:
@@ -440,30 +446,10 @@ def _clean(value):
 
 
 # ----- evaluation of a saved run ---------------------------------------------------------------------------------
-@dataclass
-class EvalConfig:
+@dataclass(kw_only=True)
+class EvalConfig(RunInputs):
     adapter: str
-    task: str | None = None
-    data: str | None = None
-    eval_data: str | None = None
-    model: str | None = None
-    n_eval: int | None = None
-    max_length: int | None = None
-    batch_size: int | None = None
-    device: str = "auto"
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    question_column: str = "question"
-    options_column: str = "options"
-    answer_column: str = "answer"
-    seed: int = 0
-    n_train: int | None = 1
-
-    @classmethod
-    def from_namespace(cls, args) -> "EvalConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+    n_train: int | None = 1  # only the eval split is needed
 
 
 def evaluate(args) -> dict[str, Any]:
