@@ -14,6 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 from tspeft import BottleneckConfig, TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
 from tspeft.core.adapter import inject_bottleneck_adapters
+from tspeft.core.tau_rule import scheduled_target
 
 
 class MLP(nn.Module):
@@ -156,11 +157,20 @@ def test_surrogate_gradient_sign_and_tau_nonnegative(helpful):
         assert slope > 0 and model.kept_targets()["0"] < 1.0 and tau > 0
 
 
-@pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
-def test_target_mode_reaches_requested_kept_fraction(target):
+def test_scheduled_target_ramps_cubically_from_one_to_target():
+    config = TokenSelectiveConfig(target_kept=0.4, warmup_steps=10, ramp_steps=20)
+    values = [scheduled_target(config, step) for step in range(0, 40)]
+    assert values[:11] == [1.0] * 11 and values[30:] == [pytest.approx(0.4)] * 10
+    assert all(a > b for a, b in zip(values[10:30], values[11:31]))  # strictly falling during the ramp
+    assert values[20] == pytest.approx(0.4 + 0.6 * 0.5 ** 3)
+    assert scheduled_target(TokenSelectiveConfig(target_kept=0.4, warmup_steps=10), 11) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("target,ramp", [(0.7, 0), (0.5, 0), (0.3, 0), (0.3, 30)])
+def test_target_mode_reaches_requested_kept_fraction(target, ramp):
     torch.manual_seed(0)
     model = get_ts_peft_model(MLP(), LoraConfig(r=4, target_modules=["lin0", "lin1"]),
-                              TokenSelectiveConfig(target_kept=target, warmup_steps=10))
+                              TokenSelectiveConfig(target_kept=target, warmup_steps=10, ramp_steps=ramp))
     teacher = nn.Linear(12, 12)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -290,7 +300,7 @@ def test_merge_refuses_unless_gate_dropping_is_accepted():
 @pytest.mark.parametrize("field,value,match", [
     ("tau_init", -0.1, "tau_init"), ("tau_init", float("nan"), "tau_init"), ("tau_init", float("inf"), "tau_init"),
     ("target_kept", 0.0, "target_kept"), ("target_kept", 1.5, "target_kept"), ("target_kept", float("nan"), "target_kept"),
-    ("step_size", 0.0, "step_size"), ("band", 0.9, "band"),
+    ("step_size", 0.0, "step_size"), ("band", 0.9, "band"), ("ramp_steps", -1, "ramp_steps"),
 ])
 def test_bad_config_values_name_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -119,6 +119,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help=f"ts-*: overall kept fraction in (0, 1] (default {DEFAULTS.target_kept}); 'none': loss-driven rule")
     p.add_argument("--warmup-steps", type=_non_negative_int, help=f"ts-*: dense warm-up steps before the gate "
                                                                   f"bites (default {DEFAULTS.warmup_steps})")
+    p.add_argument("--ramp-steps", type=_non_negative_int, help="ts-* target mode: steps over which the kept target falls "
+                   f"from 1 to --target-kept after the warm-up (default {DEFAULTS.ramp_fraction:g} of the run's steps)")
     p.add_argument("--n-train", type=_positive_int, help="number of training examples (default: the whole train split)")
     p.add_argument("--logging-steps", type=_positive_int, help=f"log every N steps (default {DEFAULTS.logging_steps})")
 

@@ -21,6 +21,9 @@ class TokenSelectiveConfig:
     target_kept: float | None = None
     # Optimizer steps with τ held at 0 so the adapter can grow before the gate bites.
     warmup_steps: int = 20
+    # Target mode: steps after the warm-up over which the kept target falls from 1 to `target_kept` along a
+    # cubic schedule (gradual pruning), so the gate tightens while the adapter is still learning. 0: at once.
+    ramp_steps: int = 0
     # λ: price of one unit of kept fraction, in loss units (loss-driven mode only).
     sparsity_weight: float = 0.02
     # η: step size of the proximal step on each module's kept fraction u (kept-fraction units per step).
@@ -50,6 +53,7 @@ class TokenSelectiveConfig:
             require(finite(self.target_kept) and 0 < self.target_kept <= 1, "target_kept",
                     "the kept fraction must lie in (0, 1] (or be None for the loss-driven rule)")
         require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", "must be an int >= 0")
+        require(isinstance(self.ramp_steps, int) and self.ramp_steps >= 0, "ramp_steps", "must be an int >= 0")
         require(finite(self.sparsity_weight) and self.sparsity_weight >= 0, "sparsity_weight", "must be finite and >= 0")
         require(finite(self.step_size) and self.step_size > 0, "step_size", "must be finite and > 0")
         require(finite(self.slope_momentum) and 0 <= self.slope_momentum < 1, "slope_momentum", "must lie in [0, 1)")

@@ -13,7 +13,8 @@ over real tokens whose r lies in a band around τ_m. One step (after `warmup_ste
 
     ĝ_m ← β ĝ_m + (1 − β) g_m                                     running slope
     loss-driven:  u_m ← clip(u_m − η (ĝ_m + λ), u_min, 1)          prox of the box constraint
-    target k*:    u ← Π{Σ_m N_m u_m = k* Σ_m N_m, u_min ≤ u ≤ 1}(u − η ĝ)   prox of the budget constraint
+    target k*:    u ← Π{Σ_m N_m u_m = k_t Σ_m N_m, u_min ≤ u ≤ 1}(u − η ĝ)   prox of the budget constraint,
+                  k_t = k* + (1 − k*)(1 − t/T)³ for t = 1…T steps after the warm-up (T = ramp_steps)
     τ_m ← (1 − α) τ_m + α Q_m(1 − u_m);   τ_m = 0 when u_m = 1     (τ ≥ 0 always: r ≥ 0)
 
 Q_m comes from a histogram of log10 r, so every statistic is a sum and can be all-reduced across ranks.
@@ -60,6 +61,12 @@ def project_onto_budget(u: torch.Tensor, weights: torch.Tensor, target: float, l
     return (u - 0.5 * (nu_low + nu_high)).clamp(low, 1.0)
 
 
+def scheduled_target(config: TokenSelectiveConfig, step: int) -> float:
+    """Kept target at `step`: 1 during the warm-up, then a cubic ramp down to `target_kept` over `ramp_steps`."""
+    progress = min(1.0, max(0, step - config.warmup_steps) / max(config.ramp_steps, 1))
+    return config.target_kept + (1.0 - config.target_kept) * (1.0 - progress) ** 3
+
+
 @torch.no_grad()
 def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step: int,
                       all_reduce: AllReduce | None = None) -> None:
@@ -90,7 +97,8 @@ def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step
         else:
             weights = torch.where(seen, real_count, torch.zeros_like(real_count))
             weights = weights if float(weights.sum()) > 0 else torch.ones_like(weights)
-            new_u = project_onto_budget(old_u - config.step_size * running, weights, config.target_kept, config.min_kept)
+            new_u = project_onto_budget(old_u - config.step_size * running, weights,
+                                        scheduled_target(config, step), config.min_kept)
         new_u = torch.where(seen, new_u, old_u)
 
     for gate, u, histogram, seen in zip(gates, new_u.tolist(), histograms, (real_count > 0).tolist()):

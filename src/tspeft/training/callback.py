@@ -3,6 +3,7 @@
     trainer = Trainer(model=ts_model, ..., callbacks=[ThresholdCallback(ts_model, out_dir="runs/x")])
 
 `ThresholdCallback`
+  * on_train_begin: with `ramp_fraction`, the target ramp spans that share of the run's steps;
   * on_step_end (after each optimizer step, so once per step also under gradient accumulation):
     `model.update_thresholds()`;
   * on every training log (the Trainer's `logging_steps`): adds `kept_fraction` (overall, real tokens,
@@ -58,9 +59,15 @@ def _finite(value: Any) -> float | None:
 class ThresholdCallback(TrainerCallback):
     """Steps the τ rule after each optimizer step and logs kept fraction / τ at each logging step."""
 
-    def __init__(self, model: nn.Module | None = None, out_dir: str | os.PathLike | None = None):
+    def __init__(self, model: nn.Module | None = None, out_dir: str | os.PathLike | None = None,
+                 ramp_fraction: float | None = None):
         # `model`: the TSPeftModel (or a wrapper of it). None: taken from the Trainer's callback arguments.
+        # `ramp_fraction`: sets the τ rule's `ramp_steps` to this share of the run's optimizer steps at train
+        # begin (the step count is known only then); None leaves the config as it is.
+        if ramp_fraction is not None and not 0 <= ramp_fraction <= 1:
+            raise ValueError(f"ramp_fraction={ramp_fraction!r}: must lie in [0, 1]")
         self.model = model
+        self.ramp_fraction = ramp_fraction
         self.log_path = Path(out_dir) / LOG_FILE if out_dir is not None else None
         self._started = False
 
@@ -71,6 +78,8 @@ class ThresholdCallback(TrainerCallback):
         ts_model = self._ts_model(kwargs)
         if ts_model is not None:
             ts_model.reset_stats()
+            if self.ramp_fraction is not None and state.max_steps > 0:
+                ts_model.ts_config.ramp_steps = round(self.ramp_fraction * state.max_steps)
         if self.log_path is not None and state.is_world_process_zero and not self._started:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self.log_path.write_text("")  # a fresh log per training run

@@ -43,6 +43,7 @@ class Defaults:
     epochs: float = 2.0
     target_kept: float = 0.5
     warmup_steps: int = 20
+    ramp_fraction: float = 0.5  # kept target ramps 1 -> target_kept over this share of the steps (after warm-up)
     logging_steps: int = 10
     weight_decay: float = 0.0
     model: dict = field(default_factory=lambda: {"classification": "minilm", "multiple_choice": "smollm2"})

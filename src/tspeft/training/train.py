@@ -89,6 +89,7 @@ class TrainConfig(RunInputs):
     rank: int | None = None
     target_kept: Any = _UNSET  # float in (0, 1], None (loss-driven rule) or "default"
     warmup_steps: int | None = None
+    ramp_steps: int | None = None  # None: DEFAULTS.ramp_fraction of the run's optimizer steps
     logging_steps: int | None = None
     modules_from: str | None = None  # an importance.json written by `tspeft importance`
     top_k: int | None = None
@@ -180,7 +181,7 @@ def head_names(model: nn.Module) -> list[str]:
 
 def build_model(method: str, base: nn.Module, task_kind: str, *, rank: int | None = None,
                 target_modules: list[str] | None = None, target_kept: Any = _UNSET,
-                warmup_steps: int | None = None) -> nn.Module:
+                warmup_steps: int | None = None, ramp_steps: int = 0) -> nn.Module:
     """Attach `method`'s adapter to `base` (a loaded transformers model); returns the model to train.
 
     ts-*: a TSPeftModel; lora/dora: a peft PeftModel; adapter: `base` with ungated bottleneck adapters;
@@ -206,7 +207,8 @@ def build_model(method: str, base: nn.Module, task_kind: str, *, rank: int | Non
                                  modules_to_save=heads or None)
     if method.startswith("ts-"):
         ts_config = TokenSelectiveConfig(target_kept=resolve_target_kept(method, target_kept),
-                                         warmup_steps=DEFAULTS.warmup_steps if warmup_steps is None else warmup_steps)
+                                         warmup_steps=DEFAULTS.warmup_steps if warmup_steps is None else warmup_steps,
+                                         ramp_steps=ramp_steps)
         return get_ts_peft_model(base, peft_config, ts_config)
     if kind == "adapter":
         inject_bottleneck_adapters(base, peft_config)
@@ -372,7 +374,7 @@ def train(args) -> dict[str, Any]:
 
         targets = top_k_modules(cfg.modules_from, cfg.criterion, cfg.top_k)
     model = build_model(cfg.method, base, kind, rank=cfg.rank, target_modules=targets, target_kept=target_kept,
-                        warmup_steps=warmup)
+                        warmup_steps=warmup, ramp_steps=cfg.ramp_steps or 0)
     ts_model = unwrap_ts_model(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -390,7 +392,8 @@ def train(args) -> dict[str, Any]:
         # Trainer reads model.is_gradient_checkpointing through TSPeftModel's attribute forwarding: not our warning
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         trainer = TSTrainer(model=model, args=training_args, train_dataset=D.ListDataset(features),
-                            data_collator=collator, callbacks=[ThresholdCallback(model, out_dir=out)])
+                            data_collator=collator, callbacks=[ThresholdCallback(
+                                model, out_dir=out, ramp_fraction=DEFAULTS.ramp_fraction if cfg.ramp_steps is None else None)])
         trainer.method = cfg.method
         start = time.perf_counter()
         result = trainer.train()
@@ -415,6 +418,7 @@ def train(args) -> dict[str, Any]:
         "per_module": evaluation.get("per_module"),
         "target_kept": target_kept, "tau_rule": None if ts_model is None else ("target" if target_kept is not None else "loss-driven"),
         "warmup_steps": warmup if ts_model is not None else None,
+        "ramp_steps": ts_model.ts_config.ramp_steps if ts_model is not None else None,
         "tau_per_module": ts_model.thresholds() if ts_model is not None else None,
         "mean_tau": (sum(ts_model.thresholds().values()) / len(ts_model.gates)) if ts_model is not None and ts_model.gates else None,
         "train_seconds": round(train_seconds, 3), "train_steps": train_steps, "final_train_loss": final_loss,
