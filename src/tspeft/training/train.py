@@ -18,6 +18,9 @@ The run folder `out` receives:
     token_masks.json    ts-* only: per-module keep masks of a few eval examples (real tokens only)
     the adapter         TSPeftModel.save_pretrained (ts-*), peft save_pretrained (lora/dora),
                         trainable_weights.safetensors + run_manifest.json (adapter, none)
+    checkpoints/        with save_steps: Trainer checkpoints checkpoint-N (the adapter as above, τ-rule state,
+                        optimizer, scheduler, RNG); resume_from_checkpoint="last" continues from the newest
+Under torchrun / accelerate launch every process runs `train()` and only the main one writes (see `train`).
 The causal-LM multiple-choice task trains on prompt + correct answer (loss on the answer tokens only) and
 is scored by the length-normalised log-likelihood of each option.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -94,6 +98,8 @@ class TrainConfig(RunInputs):
     modules_from: str | None = None  # an importance.json written by `tspeft importance`
     top_k: int | None = None
     criterion: str = "kept_fraction"
+    save_steps: int | None = None  # Trainer checkpoint every N optimizer steps into <out>/checkpoints
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, a folder of checkpoint-N folders, or "last"
 
 
 def resolve_target_kept(method: str, target_kept: Any) -> float | None:
@@ -164,12 +170,14 @@ def model_kind(task_kind: str) -> str:
 
 
 def target_modules_for(model: nn.Module) -> list[str]:
+    """Full names of the Linear layers to adapt: the model type's default suffixes (any Linear for an unknown
+    type), outside the heads and the pooler (it sees one token per sequence: gating it would select examples)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULTS.target_modules:
-        return list(DEFAULTS.target_modules[model_type])
-    heads = set(DEFAULTS.head_modules) | {"lm_head", "pooler"}
-    names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                    if isinstance(module, nn.Linear) and not (set(name.split(".")) & heads)})
+    suffixes = DEFAULTS.target_modules.get(model_type)
+    skip = set(DEFAULTS.head_modules) | {"lm_head", "pooler"}
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and not (set(name.split(".")) & skip)
+             and (suffixes is None or name.rsplit(".", 1)[-1] in suffixes)]
     if not names:
         raise ValueError(f"no nn.Linear layers to adapt in {type(model).__name__}")
     return names
@@ -261,7 +269,13 @@ def load_adapter(base: nn.Module, folder: Path, method: str) -> nn.Module:
 
 
 class TSTrainer(Trainer):
-    """Trainer whose checkpoints/`save_model` store the adapter (TSPeftModel is not a PreTrainedModel)."""
+    """Trainer whose checkpoints/`save_model` store the adapter (TSPeftModel is not a PreTrainedModel).
+
+    `_save` writes the run folder's adapter format (only where `args.should_save`, i.e. the main process);
+    `_load_from_checkpoint` reads it back in place for `train(resume_from_checkpoint=...)`: adapter weights
+    and, for ts-*, τ, the τ-rule state and `rule_step`. The optimizer, scheduler, RNG and TrainerState are
+    saved and restored by the Trainer itself. lora/dora checkpoints are peft folders: the Trainer loads them.
+    """
 
     method: str = "ts-lora"
 
@@ -272,6 +286,60 @@ class TSTrainer(Trainer):
         output_dir.mkdir(parents=True, exist_ok=True)
         save_adapter(self.accelerator.unwrap_model(self.model), self.method, output_dir)
         torch.save(self.args, output_dir / "training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        folder = Path(resume_from_checkpoint)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        ts_model = unwrap_ts_model(target)
+        if (folder / "ts_config.json").is_file():
+            if ts_model is None:
+                raise ValueError(f"{folder} holds a token-selective checkpoint, but this run's method is {self.method}")
+            _load_ts_checkpoint(ts_model, folder)
+        elif (folder / RUN_MANIFEST).is_file():  # adapter / none: the trainable weights by state-dict key
+            weights = load_file(folder / json.loads((folder / RUN_MANIFEST).read_text())["weights"])
+            missing = set(weights) - set(target.state_dict())
+            if missing:
+                raise ValueError(f"{folder}: checkpoint weights do not fit this model: {sorted(missing)[:3]}")
+            target.load_state_dict(weights, strict=False)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def _load_ts_checkpoint(ts_model: TSPeftModel, folder: Path) -> None:
+    """Load a TSPeftModel.save_pretrained folder into `ts_model` in place (weights, τ and τ-rule state)."""
+    from ..core.io import read_adapter_folder
+    from ..core.model import GATE_STATE
+
+    manifest, tensors = read_adapter_folder(folder)
+    differing = sorted(set(manifest["gated_modules"]) ^ set(ts_model.gates))
+    if differing:
+        raise ValueError(f"{folder}: the checkpoint's gated modules differ from this run's: {differing[:5]}")
+    ts_model._load_adapter_weights({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")},
+                                   folder)
+    with torch.no_grad():
+        for name, gate in ts_model.gates.items():
+            for field in GATE_STATE:
+                getattr(gate, field).copy_(tensors[f"gate.{name}.{field}"].reshape(()))
+        ts_model.rule_step.copy_(tensors["gate.rule_step"].reshape(()))
+
+
+def resolve_checkpoint(spec: str, checkpoints: Path) -> str:
+    """`--resume-from-checkpoint`: "last" (newest checkpoint-N in `checkpoints`), a checkpoint-N folder, or a folder
+    holding checkpoint-N folders (the newest is taken). ValueError if there is no such checkpoint."""
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = checkpoints if spec == "last" else Path(spec)
+    flag = f"--resume-from-checkpoint {spec}"
+    if not folder.is_dir():
+        raise ValueError(f"{flag}: no such folder {folder}" + (" (nothing was checkpointed: use --save-steps)"
+                                                               if spec == "last" else ""))
+    if (folder / TRAINER_STATE_NAME).is_file():
+        return str(folder)
+    last = get_last_checkpoint(str(folder))
+    if last is None or not (Path(last) / TRAINER_STATE_NAME).is_file():
+        raise ValueError(f"{flag}: {folder} holds no Trainer checkpoint (no {TRAINER_STATE_NAME}, no checkpoint-N folder)")
+    return last
 
 
 # ----- evaluation ------------------------------------------------------------------------------------------------
@@ -347,12 +415,20 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def train(args) -> dict[str, Any]:
-    """One run (see the module docstring); `args` is a TrainConfig or an argparse Namespace with its fields."""
+    """One run (see the module docstring); `args` is a TrainConfig or an argparse Namespace with its fields.
+
+    Under a launcher (`torchrun`, `accelerate launch`) every process calls this: the Trainer trains with DDP
+    (global batch = processes × batch_size), then every rank evaluates the whole eval set (identical numbers on
+    every rank; `reduce_stats()` all-reduces, so every rank must take part), and only the main process
+    (`TrainingArguments.process_index == 0`) writes metrics.json, the adapter, token masks/statistics and the
+    training log. Every rank returns the same metrics.
+    """
     cfg = args if isinstance(args, TrainConfig) else TrainConfig.from_namespace(args)
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = out / "checkpoints"
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, checkpoints) if cfg.resume_from_checkpoint else None
     device = resolve_device(cfg.device)
     set_seed(cfg.seed)
     task_data = load_data(cfg)
@@ -364,6 +440,33 @@ def train(args) -> dict[str, Any]:
     epochs = cfg.epochs if cfg.epochs is not None else DEFAULTS.epochs
     target_kept = resolve_target_kept(cfg.method, cfg.target_kept)
     warmup = DEFAULTS.warmup_steps if cfg.warmup_steps is None else cfg.warmup_steps
+    zero_shot = cfg.method == "none" and kind == D.MULTIPLE_CHOICE
+    if resume and (zero_shot or not task_data.train):
+        raise ValueError(f"--resume-from-checkpoint: this run trains nothing ({cfg.method} on {task_data.name})")
+
+    # Built first, also when nothing is trained: under a launcher it sets up torch.distributed (accelerate's
+    # PartialState) and names the main process, the only one that writes files.
+    training_args = TrainingArguments(
+        output_dir=str(checkpoints), seed=cfg.seed, learning_rate=lr, num_train_epochs=epochs,
+        max_steps=cfg.max_steps if cfg.max_steps else -1, per_device_train_batch_size=batch_size,
+        weight_decay=DEFAULTS.weight_decay, logging_steps=cfg.logging_steps or DEFAULTS.logging_steps,
+        logging_first_step=True, remove_unused_columns=False, report_to=[],
+        save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
+        disable_tqdm=False, use_cpu=device.type == "cpu", label_names=["labels"], dataloader_num_workers=0,
+        # DDP would otherwise copy rank 0's buffers into every rank before each forward, overwriting the other
+        # ranks' token counts and r histograms before they are all-reduced. τ and the τ-rule state need no
+        # broadcast: every rank computes them from the same all-reduced statistics.
+        ddp_broadcast_buffers=False,
+        # Each rank's loss is its own batch mean and DDP averages the gradients (the τ rule averages its band sums
+        # the same way). The default (True) multiplies the loss by the number of processes for models whose
+        # forward takes **kwargs, expecting them to divide by the global token count; BERT's classification loss
+        # does not, so the loss and every gradient came out N times too large.
+        average_tokens_across_devices=False)
+    is_main = training_args.process_index == 0
+    if training_args.world_size > 1:
+        device = training_args.device  # this process's own device (cuda:LOCAL_RANK, or cpu)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
     set_seed(cfg.seed)
     base, tokenizer = load_base(model_name, kind, task_data.num_labels)
@@ -379,16 +482,9 @@ def train(args) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    zero_shot = cfg.method == "none" and kind == D.MULTIPLE_CHOICE
     train_seconds, train_steps, final_loss = 0.0, 0, None
     if not zero_shot and task_data.train:
         features, collator = D.train_features(kind, tokenizer, task_data.train, max_length)
-        training_args = TrainingArguments(
-            output_dir=str(out / "checkpoints"), seed=cfg.seed, learning_rate=lr, num_train_epochs=epochs,
-            max_steps=cfg.max_steps if cfg.max_steps else -1, per_device_train_batch_size=batch_size,
-            weight_decay=DEFAULTS.weight_decay, logging_steps=cfg.logging_steps or DEFAULTS.logging_steps,
-            logging_first_step=True, remove_unused_columns=False, report_to=[], save_strategy="no",
-            disable_tqdm=False, use_cpu=device.type == "cpu", label_names=["labels"], dataloader_num_workers=0)
         # Trainer reads model.is_gradient_checkpointing through TSPeftModel's attribute forwarding: not our warning
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         trainer = TSTrainer(model=model, args=training_args, train_dataset=D.ListDataset(features),
@@ -396,20 +492,21 @@ def train(args) -> dict[str, Any]:
                                 model, out_dir=out, ramp_fraction=DEFAULTS.ramp_fraction if cfg.ramp_steps is None else None)])
         trainer.method = cfg.method
         start = time.perf_counter()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=resume)
         train_seconds = time.perf_counter() - start
         train_steps, final_loss = trainer.state.global_step, result.training_loss
         model = trainer.model
-        if (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
-            (out / "checkpoints").rmdir()
+        if is_main and checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()
 
     eval_batch = batch_size * DEFAULTS.eval_batch_factor
-    evaluation = evaluate_model(model, tokenizer, task_data, max_length, eval_batch, device)
-    masks = record_token_masks(model, tokenizer, task_data, max_length, device)
-    if masks is not None:
-        _write_json(out / "token_masks.json", masks)
-        _write_json(out / "token_stats.json", token_stats_on_eval(model, tokenizer, task_data, max_length, eval_batch, device))
-    save_adapter(model, cfg.method, out)
+    evaluation = evaluate_model(model, tokenizer, task_data, max_length, eval_batch, device)  # every rank: it reduces
+    if is_main:
+        masks = record_token_masks(model, tokenizer, task_data, max_length, device)
+        if masks is not None:
+            _write_json(out / "token_masks.json", masks)
+            _write_json(out / "token_stats.json", token_stats_on_eval(model, tokenizer, task_data, max_length, eval_batch, device))
+        save_adapter(model, cfg.method, out)
 
     metrics = {
         "task": task_data.name, "task_kind": kind, "model": model_name, "method": cfg.method, "seed": cfg.seed,
@@ -428,6 +525,8 @@ def train(args) -> dict[str, Any]:
         "num_labels": task_data.num_labels, "label_names": task_data.label_names,
         "lr": lr, "rank": cfg.rank or (DEFAULTS.bottleneck_size if base_method(cfg.method) == "adapter" else DEFAULTS.rank),
         "epochs": epochs, "max_steps": cfg.max_steps, "batch_size": batch_size, "max_length": max_length,
+        "world_size": training_args.world_size, "global_batch_size": batch_size * training_args.world_size,
+        "resumed_from": resume,
         "device": device.type, "linear_probe": cfg.method == "none" and kind == D.CLASSIFICATION,
         "zero_shot": zero_shot,
         "data": {"task": cfg.task, "data": cfg.data, "eval_data": cfg.eval_data, "columns": _columns(cfg)},
@@ -435,8 +534,28 @@ def train(args) -> dict[str, Any]:
         "criterion": cfg.criterion if cfg.modules_from else None,
     }
     metrics = _clean(metrics)
-    _write_json(out / "metrics.json", metrics)
+    if is_main:
+        _write_json(out / "metrics.json", metrics)
+    _debug_rank_dump(training_args, ts_model, metrics, is_main)
     return metrics
+
+
+DEBUG_DUMP_ENV = "TSPEFT_DEBUG_RANK_DUMP"
+
+
+def _debug_rank_dump(training_args, ts_model: TSPeftModel | None, metrics: dict[str, Any], is_main: bool) -> None:
+    """With $TSPEFT_DEBUG_RANK_DUMP=DIR, every rank writes DIR/rank<k>.json: its own τ, τ-rule state and metrics
+    (tests compare the ranks; nothing is written without the variable)."""
+    folder = os.environ.get(DEBUG_DUMP_ENV)
+    if not folder:
+        return
+    record = {"process_index": training_args.process_index, "world_size": training_args.world_size,
+              "is_main": is_main, "metrics": metrics}
+    if ts_model is not None:
+        record.update(tau=ts_model.thresholds(), kept_targets=ts_model.kept_targets(),
+                      loss_slopes=ts_model.loss_slopes(), rule_step=int(ts_model.rule_step))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    _write_json(Path(folder) / f"rank{training_args.process_index}.json", _clean(record))
 
 
 def _clean(value):
