@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             record = {k: metrics.get(k) for k in ("task", "method", "seed", "accuracy", "kept_fraction",
                                                   "train_seconds", "trainable_params", "per_module", "n_train", "n_eval")}
             record.update(model=suite["model"], suite=args.suite, target_kept=key_target,
+                          target_kept_used=metrics.get("target_kept"),
                           sizes=" ".join(suite["flags"]), machine=MACHINE + f", device {metrics.get('device')}")
             records.append(record)
             save_records(results, records)
