@@ -107,6 +107,48 @@ def sweep_section(records: list[dict]) -> list[str]:
     return lines + ["", "![accuracy vs kept fraction](sweep.png)", ""]
 
 
+def token_section(records: list[dict]) -> list[str]:
+    """Kept fraction by token kind and by position, per layer, averaged over the seeds of each gated method."""
+    groups = defaultdict(list)
+    for r in records:
+        if r.get("token_stats") and r["token_stats"].get("by_kind"):
+            groups[(r["model"], r["task"], r["method"])].append(r["token_stats"])
+    if not groups:
+        return ["No token statistics yet (written by quality.py for ts-* runs).", ""]
+    lines = ["Share of each kind of token whose update a layer applied (mean over the layer's gated modules, then "
+             "over seeds), measured on the first 256 eval examples of each run.", ""]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.4), squeeze=False)
+    for ax, ((model, task, method), stats) in zip(axes[0], sorted(groups.items())):
+        for table_name in ("by_kind", "by_position"):
+            layers = sorted(stats[0][table_name], key=int)
+            kinds = sorted({kind for st in stats for layer in st[table_name].values() for kind in layer})
+            lines += [f"**{model} / {task} / {method}, {table_name.replace('_', ' ')}** ({len(stats)} seeds)", "",
+                      "| token " + table_name[3:] + " | " + " | ".join(f"layer {l}" for l in layers) + " | all layers |",
+                      "|---" * (len(layers) + 2) + "|"]
+            means = {}
+            for kind in kinds:
+                per_layer = [statistics.fmean(st[table_name][l][kind]["kept_fraction"] for st in stats
+                                              if kind in st[table_name].get(l, {})) for l in layers]
+                means[kind] = statistics.fmean(per_layer)
+                lines.append(f"| {kind} | " + " | ".join(f"{v:.2f}" for v in per_layer) + f" | {means[kind]:.2f} |")
+                if table_name == "by_kind":
+                    ax.plot([int(l) for l in layers], per_layer, marker="o", label=kind)
+            lines.append("")
+            if table_name == "by_kind":
+                most, least = max(means, key=means.get), min(means, key=means.get)
+                lines += [f"Across layers, {most} tokens are kept most ({means[most]:.2f}) and {least} tokens least "
+                          f"({means[least]:.2f}).", ""]
+        ax.set_title(f"{model} / {task} / {method}", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("kept fraction")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(ROOT / "tokens.png", dpi=110)
+    plt.close(fig)
+    return lines + ["![kept fraction by token kind and layer](tokens.png)", ""]
+
+
 def importance_section(records: list[dict]) -> list[str]:
     if not records:
         return ["No module-selection results yet: run `python benchmarks/importance_selection.py --suite encoder`.", ""]
@@ -167,6 +209,7 @@ def main() -> None:
         out += [f"Not run yet ({len(missing)} task/method cells of the planned suites): " + ", ".join(missing), ""]
     out += ["## Quality (dense vs token-selective)", ""] + quality_section(quality)
     out += ["## Accuracy vs kept fraction", ""] + sweep_section(sweep)
+    out += ["## Which tokens are kept", ""] + token_section(quality)
     out += ["## Module importance: budgeted module selection", ""] + importance_section(load("importance.json"))
     speed = RESULTS / "speed.json"
     out += ["## Speed and memory", "",

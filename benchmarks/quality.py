@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> None:
             record.update(model=suite["model"], suite=args.suite, target_kept=key_target,
                           target_kept_used=metrics.get("target_kept"),
                           sizes=" ".join(suite["flags"]), machine=MACHINE + f", device {metrics.get('device')}")
+            token_stats = out / "token_stats.json"  # which tokens the gates kept (ts-* runs only)
+            if token_stats.is_file():
+                stats = json.loads(token_stats.read_text())
+                record["token_stats"] = {k: stats.get(k) for k in ("by_kind", "by_position")}
             records.append(record)
             save_records(results, records)
             print(f"[quality] {task} {method} seed {seed}: accuracy {record['accuracy']:.4f} "

@@ -66,6 +66,12 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
                 "kept_fraction": kept}
                for seed in range(3) for method, acc, kept in [("lora", 0.80 + 0.01 * seed, 1.0),
                                                                ("ts-lora", 0.70 + 0.01 * seed, 0.5)]]
+    kinds = {"0": {"special": {"kept_fraction": 0.2, "tokens": 4}, "content": {"kept_fraction": 0.8, "tokens": 9}},
+             "1": {"special": {"kept_fraction": 0.4, "tokens": 4}, "content": {"kept_fraction": 0.6, "tokens": 9}}}
+    for record in quality:
+        if record["method"] == "ts-lora":
+            record["token_stats"] = {"by_kind": kinds, "by_position": {"0": {"0": {"kept_fraction": 0.5, "tokens": 2}},
+                                                                       "1": {"0": {"kept_fraction": 0.7, "tokens": 2}}}}
     importance = [{"model": "m", "task": "t", "k": 2, "n_modules": 8, "criterion": c, "seed": seed, "accuracy": acc}
                   for seed in range(3) for c, acc in [("kept_fraction", 0.9), ("delta_weight_norm", 0.7),
                                                       ("factor_norm", 0.6), ("random", 0.5)]]
@@ -75,3 +81,4 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| m | t | lora → ts-lora | 0.50 | -0.100 | 0.010 | no |" in text  # 10 points lost: the claim fails
     assert "the claim holds here" in text and (tmp_path / "importance.png").is_file()
+    assert "| special | 0.20 | 0.40 | 0.30 |" in text and "content tokens are kept most (0.70)" in text
