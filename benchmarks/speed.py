@@ -14,9 +14,11 @@ What is measured (every ratio is token-selective / its peft twin with identical 
   for backward (`saved_tensors_hooks`) plus any other tensor created during forward and still alive at its end
   (e.g. tensors captured by gradient hooks), deduplicated by storage. The JSON names the measure used.
 * inference forward (eval, no_grad): TS-LoRA with τ fixed per gate so exactly a fraction k of the tokens is
-  kept (k = 1.0 / 0.5 / 0.2), against unmerged LoRA and merged LoRA (the base cost floor). The gate in core is
-  "dense-masked" (the update of a dropped token is computed, then zeroed). `ts-lora-skip` is a prototype,
-  defined only in this file, that computes B·z only for kept rows (index_select / index_add_).
+  kept (k = 1.0 / 0.5 / 0.2), against unmerged LoRA and merged LoRA (the base cost floor). Both TS rows are
+  core paths, each forced at every gate: `ts-lora` is the dense-masked path (the update of a dropped token is
+  computed, then zeroed; what training uses) and `ts-lora-skip` the skip path (B·z only for kept rows, via
+  peft's own lora_B and an in-place `index_add_`). Without autograd core picks the skip path by itself when a
+  call keeps at most half of its tokens (`LoraDownProjectionHooks.skip_max_kept`, `skip_min_elements`).
 
 Timing: the methods' repeats are interleaved (the order rotates each round) to cancel drift from other
 processes sharing the machine; medians are reported. Repeats adapt to a per-combo time budget.
@@ -35,7 +37,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -45,8 +46,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from tspeft.core.attach import _norm_without_bias  # noqa: E402
 from tspeft import TokenSelectiveConfig, get_ts_peft_model
+from tspeft.core.attach import LoraDownProjectionHooks
 
 RANK = 8
 SEQ = 128  # synthetic tokens are laid out as (tokens // SEQ, SEQ, hidden)
@@ -318,34 +319,11 @@ def calibrate_thresholds(ts_model, run: Callable[[nn.Module], object], kept: flo
     return ts_model.thresholds()
 
 
-def _skip_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Prototype "skipped-compute" gate: B·z and the add only for kept rows (inference only)."""
-    result = self.base_layer(x, *args, **kwargs)
-    lora_a, lora_b, scaling = _lora_parts(self)
-    bias = self.base_layer.bias
-    base_norm = _norm_without_bias(result, bias, -1)  # core's own norm, so both gates decide identically
-    z = lora_a(x)
-    weight_b = lora_b.weight.float()
-    gram = weight_b.T @ weight_b
-    z32 = z.float()
-    update_norm = ((z32 @ gram) * z32).sum(-1).clamp_min(0).sqrt() * abs(scaling)
-    keep = (update_norm / base_norm.clamp_min(torch.finfo(torch.float32).tiny)) >= self._skip_tau
-    index = keep.reshape(-1).nonzero().squeeze(1)
-    flat = result.reshape(-1, result.shape[-1])
-    if index.numel() == flat.shape[0]:
-        return result + lora_b(z) * scaling
-    flat.index_add_(0, index, lora_b(z.reshape(-1, z.shape[-1]).index_select(0, index)).to(flat.dtype), alpha=scaling)
-    return result
-
-
-def make_skip_model(lora_model: nn.Module, thresholds: dict[str, float]) -> nn.Module:
-    skip = copy.deepcopy(lora_model)
-    base = skip.get_base_model()
-    for name, tau in thresholds.items():
-        layer = base.get_submodule(name)
-        layer._skip_tau = tau
-        layer.forward = types.MethodType(_skip_forward, layer)
-    return skip
+def force_path(ts_model, path: str) -> None:
+    """Force core's dense-masked ("dense") or skip ("skip") inference path at every LoRA gate."""
+    for hooks in ts_model._hooks:
+        if isinstance(hooks, LoraDownProjectionHooks):
+            hooks.skip_max_kept, hooks.skip_min_elements = (-1.0, 0) if path == "dense" else (1.0, 0)
 
 
 def bench_inference(case: str, hidden: int | None, tokens: int, build: Callable[[str], nn.Module],
@@ -358,12 +336,15 @@ def bench_inference(case: str, hidden: int | None, tokens: int, build: Callable[
     for level in KEPT_LEVELS:
         ts = build("ts-lora").eval()
         thresholds = calibrate_thresholds(ts, run, level)
-        skip = make_skip_model(lora, thresholds).eval()
+        force_path(ts, "dense")
+        skip = build("ts-lora").eval()
+        skip.set_thresholds(thresholds)
+        force_path(skip, "skip")
         out_ts, out_skip = run(ts), run(skip)
         scale = float(reference.float().abs().max())
         err = float((out_ts.float() - out_skip.float()).abs().max()) / max(scale, 1e-30)
         if err > 1e-4:
-            raise AssertionError(f"skip-compute prototype disagrees with core's gate (rel. error {err:.2e})")
+            raise AssertionError(f"core's skip path disagrees with its dense-masked path (rel. error {err:.2e})")
         ts_models[level] = (ts, skip)
         fns[f"ts-lora@{level}"] = (lambda m=ts: run(m))
         fns[f"ts-lora-skip@{level}"] = (lambda m=skip: run(m))

@@ -64,18 +64,19 @@ class TokenGate(nn.Module):
             self.last_keep_mask = keep.detach().cpu()
         if torch._C._current_graph_task_id() != -1:
             return keep  # recomputation inside backward (activation checkpointing): already counted
-        with torch.no_grad():  # masked sums, not boolean indexing: no host-device sync on GPUs
-            weight = torch.ones_like(r) if real is None else real.to(r.dtype)
-            self.kept_counts[0] += (keep * weight).sum()
-            self.kept_counts[1] += weight.sum()
-            self.kept_counts[2] += (r.double() * weight).sum()
+        with torch.no_grad():  # weighted sums, not boolean indexing: no host-device sync on GPUs
+            r64 = r.reshape(-1).double()
+            weight = torch.ones_like(r64) if real is None else real.reshape(-1).to(torch.float64)
+            # (Σ kept·w, Σ w, Σ r·w) in one matrix-vector product (w is 0/1, so Σ w·w = Σ w).
+            sums = weight @ torch.stack((keep.reshape(-1).to(torch.float64), weight, r64), 1)
+            self.kept_counts.add_(sums)
             if self.training and self.collect_rule_stats:
                 lo, hi = self.config.log10_r_range
                 bins = self.config.histogram_bins
-                log_r = torch.log10(r.clamp(min=10**lo, max=10**hi))
+                log_r = torch.log10(r.reshape(-1).clamp(min=10**lo, max=10**hi))
                 index = ((log_r - lo) * (bins / (hi - lo))).long().clamp_(0, bins - 1)
-                self.r_histogram.scatter_add_(0, index.flatten(), weight.flatten().to(self.r_histogram.dtype))
-                self.band_stats[2] += weight.sum()
+                self.r_histogram.scatter_add_(0, index, weight)
+                self.band_stats[2:].add_(sums[1:2])
         return keep
 
     def in_band(self, r: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
@@ -86,10 +87,9 @@ class TokenGate(nn.Module):
     def record_band(self, loss_changes: torch.Tensor, in_band: torch.Tensor | None = None) -> None:
         """Add c_i = ⟨∂L/∂h_i, M(x_i)⟩ of band tokens (all of `loss_changes`, or where `in_band`):
         the first-order loss change from keeping token i."""
-        if in_band is None:
-            in_band = torch.ones_like(loss_changes, dtype=torch.bool)
-        self.band_stats[0] += (loss_changes.double() * in_band).sum()
-        self.band_stats[1] += in_band.sum()
+        changes = loss_changes.reshape(-1).double()
+        weight = torch.ones_like(changes) if in_band is None else in_band.reshape(-1).to(torch.float64)
+        self.band_stats[:2].add_(weight @ torch.stack((changes, weight), 1))  # (Σ c_i, count) over the band
 
     def clear_rule_stats(self) -> None:
         self.r_histogram.zero_()

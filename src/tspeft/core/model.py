@@ -17,11 +17,12 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_mod
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.layer import _ConvNd as LoraConv
+from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
 from . import io
 from .adapter import BottleneckConfig, BottleneckLayer, inject_bottleneck_adapters
-from .attach import LoraDownProjectionHooks, OutputDifferenceHooks, TokenMask
+from .attach import DoraUpdateHooks, LoraDownProjectionHooks, OutputDifferenceHooks, TokenMask
 from .config import TokenSelectiveConfig
 from .gate import TokenGate
 from .tau_rule import update_thresholds
@@ -77,6 +78,10 @@ class TSPeftModel(nn.Module):
                       and not module.lora_bias.get(adapter, False))
         if plain_lora:
             return LoraDownProjectionHooks(module, adapter, gate, self.token_mask)
+        linear_dora = (isinstance(module, LoraLinear) and type(module.lora_variant.get(adapter)) is DoraLinearVariant
+                       and not module.lora_bias.get(adapter, False))
+        if linear_dora:  # peft's DoRA module returns the update M(x) itself: gate it there
+            return DoraUpdateHooks(module, adapter, gate, self.token_mask)
         return OutputDifferenceHooks(module, gate, self.token_mask, feature_dim=1 if isinstance(module, LoraConv) else -1)
 
     # ----- real-token mask -------------------------------------------------------------------------------------

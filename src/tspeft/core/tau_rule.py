@@ -33,32 +33,48 @@ from .gate import TokenGate
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def histogram_quantile(histogram: torch.Tensor, q: float, log10_range: tuple[float, float]) -> float:
-    """The q-quantile of r from a histogram of log10 r (linear interpolation inside a bin)."""
-    total = float(histogram.sum())
-    if total <= 0:
-        return 0.0
+def histogram_quantiles(histograms: torch.Tensor, q: torch.Tensor, log10_range: tuple[float, float]) -> torch.Tensor:
+    """Quantiles of r from histograms of log10 r, every module at once (linear interpolation inside a bin).
+
+    `histograms` is (modules, bins) and `q` is (modules, k): entry [m, j] is the q[m, j]-quantile of module m's
+    r, 0 for a module whose histogram is empty. One cumsum and one batched searchsorted for all modules.
+    """
+    histograms = histograms.double()
     lo, hi = log10_range
-    width = (hi - lo) / histogram.numel()
-    cdf = torch.cumsum(histogram, 0) / total
-    q = min(max(q, 0.0), 1.0)
-    index = int(torch.searchsorted(cdf, torch.tensor(q, dtype=cdf.dtype)).clamp(max=histogram.numel() - 1))
-    before = float(cdf[index - 1]) if index > 0 else 0.0
-    inside = (q - before) / max(float(cdf[index]) - before, 1e-12)
-    return 10 ** (lo + width * (index + min(max(inside, 0.0), 1.0)))
+    bins = histograms.shape[-1]
+    total = histograms.sum(-1, keepdim=True)
+    cdf = torch.cumsum(histograms, -1) / torch.where(total > 0, total, torch.ones_like(total))
+    q = q.double().clamp(0.0, 1.0)
+    index = torch.searchsorted(cdf, q).clamp_(max=bins - 1)
+    before = torch.where(index > 0, cdf.gather(-1, (index - 1).clamp(min=0)), torch.zeros_like(q))
+    inside = ((q - before) / (cdf.gather(-1, index) - before).clamp_min(1e-12)).clamp_(0.0, 1.0)
+    value = torch.pow(10.0, lo + (hi - lo) / bins * (index + inside))
+    return torch.where(total > 0, value, torch.zeros_like(value))
 
 
 def project_onto_budget(u: torch.Tensor, weights: torch.Tensor, target: float, low: float) -> torch.Tensor:
-    """Weighted Euclidean projection onto {Σ w u / Σ w = target, low ≤ u ≤ 1}: u' = clip(u − ν), ν by bisection."""
+    """Weighted Euclidean projection onto {Σ w u / Σ w = target, low ≤ u ≤ 1}: u' = clip(u − ν, low, 1).
+
+    f(ν) = Σ w clip(u − ν, low, 1) / Σ w is continuous, non-increasing and piecewise linear with breakpoints
+    u_i − 1 (where module i starts to fall below 1) and u_i − low (where it reaches `low`). Sorting the
+    breakpoints gives f at each of them from a cumulative sum of slopes; ν is the smallest point where f
+    reaches `target`, interpolated exactly on its segment (the largest breakpoint when target < low).
+    """
+    u, weights = u.double(), weights.double()
     weights = weights / weights.sum()
-    nu_low, nu_high = float(u.min()) - 1.0, float(u.max()) + 1.0  # kept mean is 1 at nu_low and `low` at nu_high
-    for _ in range(60):
-        nu = 0.5 * (nu_low + nu_high)
-        if float((weights * (u - nu).clamp(low, 1.0)).sum()) > target:
-            nu_low = nu
-        else:
-            nu_high = nu
-    return (u - 0.5 * (nu_low + nu_high)).clamp(low, 1.0)
+    breaks, order = torch.sort(torch.cat([u - 1.0, u - low]))
+    slope = torch.cumsum(torch.cat([-weights, weights])[order], 0)  # f's slope right of each breakpoint
+    kept_at_first = (weights * (u - breaks[0]).clamp(low, 1.0)).sum()
+    kept = kept_at_first + torch.cat([breaks.new_zeros(1), torch.cumsum(slope[:-1] * breaks.diff(), 0)])
+    below = (kept <= target).nonzero()
+    if below.numel() == 0:
+        nu = breaks[-1]
+    elif int(below[0]) == 0:
+        nu = breaks[0]
+    else:
+        k = int(below[0])
+        nu = breaks[k - 1] + (kept[k - 1] - target) * (breaks[k] - breaks[k - 1]) / (kept[k - 1] - kept[k])
+    return (u - nu).clamp(low, 1.0)
 
 
 def scheduled_target(config: TokenSelectiveConfig, step: int) -> float:
@@ -67,31 +83,36 @@ def scheduled_target(config: TokenSelectiveConfig, step: int) -> float:
     return config.target_kept + (1.0 - config.target_kept) * (1.0 - progress) ** 3
 
 
+RULE_STATE = ("kept_target", "loss_slope", "band_low", "band_high", "tau")  # per-gate fields the rule sets
+
+
 @torch.no_grad()
 def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step: int,
                       all_reduce: AllReduce | None = None) -> None:
-    """Apply one τ-rule step to every gate from the statistics gathered since the previous step."""
+    """Apply one τ-rule step to every gate from the statistics gathered since the previous step.
+
+    Every module is handled at once: one gather of the statistics and of the rule state, tensor arithmetic on a
+    (modules,) vector, one batched quantile call and one write-back (the gates share a device).
+    """
     if not gates:
         return
-    stats = torch.cat([torch.cat([g.band_stats, g.r_histogram]) for g in gates]).reshape(len(gates), -1)
+    stats = torch.cat([torch.stack([g.band_stats for g in gates]), torch.stack([g.r_histogram for g in gates])], 1)
     if all_reduce is not None:  # sums over ranks, so every rank computes the same τ
         stats = all_reduce(stats)
     stats = stats.cpu()
-    for gate in gates:
-        gate.clear_rule_stats()
+    torch._foreach_zero_([t for g in gates for t in (g.band_stats, g.r_histogram)])
     band_sum, band_count, real_count, histograms = stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3:]
+    state_tensors = [getattr(g, field) for g in gates for field in RULE_STATE]
+    state = torch.stack(state_tensors).reshape(len(gates), len(RULE_STATE)).double().cpu()
+    old_u, old_slope, old_low, old_high, old_tau = state.unbind(1)
+    seen = real_count > 0  # a module that saw no real token keeps its state
 
     if step <= config.warmup_steps:
-        new_u = torch.ones(len(gates), dtype=torch.float64)
+        new_u, running = torch.ones_like(old_u), old_slope
     else:
         slope = real_count * band_sum / band_count.clamp_min(1)
-        seen = real_count > 0  # a module that saw no real token keeps its state
-        old_u = torch.stack([g.kept_target.double().cpu() for g in gates])
-        old_slope = torch.stack([g.loss_slope.double().cpu() for g in gates])
         beta = config.slope_momentum
         running = torch.where(seen, beta * old_slope + (1 - beta) * slope, old_slope)
-        for gate, value in zip(gates, running):
-            gate.loss_slope.fill_(float(value))
         if config.target_kept is None:
             new_u = (old_u - config.step_size * (running + config.sparsity_weight)).clamp(config.min_kept, 1.0)
         else:
@@ -101,15 +122,16 @@ def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step
                                         scheduled_target(config, step), config.min_kept)
         new_u = torch.where(seen, new_u, old_u)
 
-    for gate, u, histogram, seen in zip(gates, new_u.tolist(), histograms, (real_count > 0).tolist()):
-        gate.kept_target.fill_(u)
-        if not seen:
-            continue
-        q = lambda p: histogram_quantile(histogram, p, config.log10_r_range)  # noqa: E731
-        gate.band_low.fill_(q(1 - u - config.band))
-        gate.band_high.fill_(q(1 - u + config.band) if u - config.band > 0 else float("inf"))
-        if u >= 1.0:
-            gate.tau.fill_(0.0)
-        else:
-            alpha = config.tau_smoothing if math.isfinite(float(gate.tau)) else 1.0  # τ = inf (set by hand) restarts
-            gate.tau.fill_(max(0.0, (1 - alpha) * float(gate.tau) + alpha * q(1 - u)))
+    # Band edges and τ from one batched quantile call; τ_m = 0 where u_m = 1; unseen modules keep them.
+    u, band = new_u, config.band
+    band_low, band_high, tau_quantile = histogram_quantiles(
+        histograms, torch.stack([1 - u - band, 1 - u + band, 1 - u], 1), config.log10_r_range).unbind(1)
+    band_high = torch.where(u - band > 0, band_high, torch.full_like(band_high, math.inf))
+    finite = torch.isfinite(old_tau)
+    alpha = torch.where(finite, config.tau_smoothing, 1.0)  # τ = inf (set by hand) restarts from the quantile
+    smoothed = ((1 - alpha) * torch.where(finite, old_tau, 0.0) + alpha * tau_quantile).clamp_min(0.0)
+    tau = torch.where(u >= 1.0, torch.zeros_like(smoothed), smoothed)
+    new_state = torch.stack([u, running] + [torch.where(seen, new, old) for new, old in
+                                            ((band_low, old_low), (band_high, old_high), (tau, old_tau))], 1)
+    device = state_tensors[0].device
+    torch._foreach_copy_(state_tensors, list(new_state.float().to(device).flatten().unbind()))
