@@ -79,6 +79,11 @@ class _Hooks:
     def _wants_band(self, output: torch.Tensor) -> bool:
         return self.gate.training and self.gate.collect_rule_stats and output.requires_grad
 
+    def _remember_base_norm(self, module, args, output):
+        """Forward hook on the base layer: ‖W0 x‖ per token, for the next gate decision of this layer."""
+        with torch.no_grad():
+            self._base_norm = _norm_without_bias(output, getattr(module, "bias", None), -1)
+
 
 class LoraDownProjectionHooks(_Hooks):
     """Gate plain LoRA on z = A·dropout(x).
@@ -111,8 +116,7 @@ class LoraDownProjectionHooks(_Hooks):
 
     def _remember_base_norm(self, module, args, output):
         self._skipped = None  # a new forward of the layer: nothing pending from an interrupted one
-        with torch.no_grad():
-            self._base_norm = _norm_without_bias(output, getattr(module, "bias", None), -1)
+        super()._remember_base_norm(module, args, output)
 
     def _gate_down_projection(self, module, args, z):
         base_norm, self._base_norm = self._base_norm, None
@@ -170,10 +174,6 @@ class DoraUpdateHooks(_Hooks):
             layer.base_layer.register_forward_hook(self._remember_base_norm),
             layer.lora_magnitude_vector[adapter_name].register_forward_hook(self._gate_update),
         ]
-
-    def _remember_base_norm(self, module, args, output):
-        with torch.no_grad():
-            self._base_norm = _norm_without_bias(output, getattr(module, "bias", None), -1)
 
     def _gate_update(self, module, args, update):
         base_norm, self._base_norm = self._base_norm, None

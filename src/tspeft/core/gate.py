@@ -19,6 +19,9 @@ from torch import nn
 from .config import TokenSelectiveConfig
 
 
+GATE_STATE = ("tau", "kept_target", "loss_slope", "band_low", "band_high")  # persistent per-gate τ-rule state
+
+
 class TokenGate(nn.Module):
     """τ for one module, its rule state (saved with the adapter) and its running statistics."""
 

@@ -24,10 +24,9 @@ from . import io
 from .adapter import BottleneckConfig, BottleneckLayer, inject_bottleneck_adapters
 from .attach import DoraUpdateHooks, LoraDownProjectionHooks, OutputDifferenceHooks, TokenMask
 from .config import TokenSelectiveConfig
-from .gate import TokenGate
+from .gate import GATE_STATE, TokenGate
 from .tau_rule import update_thresholds
 
-GATE_STATE = ("tau", "kept_target", "loss_slope", "band_low", "band_high")
 
 
 def get_ts_peft_model(model: nn.Module, peft_config: LoraConfig | BottleneckConfig,
@@ -229,22 +228,30 @@ class TSPeftModel(nn.Module):
             peft_config = PeftConfig.from_peft_type(**peft_values)
             peft_config.inference_mode = not is_trainable
         ts_model = get_ts_peft_model(model, peft_config, ts_config)
-        missing = sorted(set(manifest["gated_modules"]) ^ set(ts_model.gates))
-        if missing:
-            raise ValueError(f"{folder}: the adapted modules do not match this base model "
-                             f"({type(model).__name__}); differing: {missing[:5]}")
-        adapter = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
-        ts_model._load_adapter_weights(adapter, folder)
-        with torch.no_grad():
-            for name, gate in ts_model.gates.items():
-                for field in GATE_STATE:
-                    getattr(gate, field).copy_(tensors[f"gate.{name}.{field}"].reshape(()))
-            ts_model.rule_step.copy_(tensors["gate.rule_step"].reshape(()))
+        ts_model.load_state_from(folder, manifest, tensors)
         if not is_trainable:
             ts_model.eval()
             for parameter in ts_model.parameters():
                 parameter.requires_grad_(False)
         return ts_model
+
+    def load_state_from(self, folder: str | os.PathLike, manifest: dict | None = None,
+                        tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Load a `save_pretrained` folder into this model in place: adapter weights, τ, the τ-rule state and
+        `rule_step` (used by `from_pretrained` and when a Trainer resumes from a checkpoint)."""
+        if manifest is None or tensors is None:
+            manifest, tensors = io.read_adapter_folder(folder)
+        missing = sorted(set(manifest["gated_modules"]) ^ set(self.gates))
+        if missing:
+            raise ValueError(f"{folder}: the adapted modules do not match this base model "
+                             f"({type(self.get_base_model()).__name__}); differing: {missing[:5]}")
+        self._load_adapter_weights({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")},
+                                   folder)
+        with torch.no_grad():
+            for name, gate in self.gates.items():
+                for field in GATE_STATE:
+                    getattr(gate, field).copy_(tensors[f"gate.{name}.{field}"].reshape(()))
+            self.rule_step.copy_(tensors["gate.rule_step"].reshape(()))
 
     def _load_adapter_weights(self, weights: dict[str, torch.Tensor], folder) -> None:
         if isinstance(self.model, PeftModel):

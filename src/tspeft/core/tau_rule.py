@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from .config import TokenSelectiveConfig
-from .gate import TokenGate
+from .gate import GATE_STATE, TokenGate
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -83,9 +83,6 @@ def scheduled_target(config: TokenSelectiveConfig, step: int) -> float:
     return config.target_kept + (1.0 - config.target_kept) * (1.0 - progress) ** 3
 
 
-RULE_STATE = ("kept_target", "loss_slope", "band_low", "band_high", "tau")  # per-gate fields the rule sets
-
-
 @torch.no_grad()
 def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step: int,
                       all_reduce: AllReduce | None = None) -> None:
@@ -100,11 +97,12 @@ def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step
     if all_reduce is not None:  # sums over ranks, so every rank computes the same τ
         stats = all_reduce(stats)
     stats = stats.cpu()
-    torch._foreach_zero_([t for g in gates for t in (g.band_stats, g.r_histogram)])
+    for gate in gates:
+        gate.clear_rule_stats()
     band_sum, band_count, real_count, histograms = stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3:]
-    state_tensors = [getattr(g, field) for g in gates for field in RULE_STATE]
-    state = torch.stack(state_tensors).reshape(len(gates), len(RULE_STATE)).double().cpu()
-    old_u, old_slope, old_low, old_high, old_tau = state.unbind(1)
+    state_tensors = [getattr(g, field) for g in gates for field in GATE_STATE]
+    state = torch.stack(state_tensors).reshape(len(gates), len(GATE_STATE)).double().cpu()
+    old_tau, old_u, old_slope, old_low, old_high = state.unbind(1)  # GATE_STATE's order
     seen = real_count > 0  # a module that saw no real token keeps its state
 
     if step <= config.warmup_steps:
@@ -131,7 +129,8 @@ def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step
     alpha = torch.where(finite, config.tau_smoothing, 1.0)  # τ = inf (set by hand) restarts from the quantile
     smoothed = ((1 - alpha) * torch.where(finite, old_tau, 0.0) + alpha * tau_quantile).clamp_min(0.0)
     tau = torch.where(u >= 1.0, torch.zeros_like(smoothed), smoothed)
-    new_state = torch.stack([u, running] + [torch.where(seen, new, old) for new, old in
-                                            ((band_low, old_low), (band_high, old_high), (tau, old_tau))], 1)
+    if_seen = lambda new, old: torch.where(seen, new, old)  # noqa: E731
+    new_state = torch.stack([if_seen(tau, old_tau), u, running, if_seen(band_low, old_low),
+                             if_seen(band_high, old_high)], 1)  # GATE_STATE's order
     device = state_tensors[0].device
     torch._foreach_copy_(state_tensors, list(new_state.float().to(device).flatten().unbind()))

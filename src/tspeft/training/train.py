@@ -294,7 +294,7 @@ class TSTrainer(Trainer):
         if (folder / "ts_config.json").is_file():
             if ts_model is None:
                 raise ValueError(f"{folder} holds a token-selective checkpoint, but this run's method is {self.method}")
-            _load_ts_checkpoint(ts_model, folder)
+            ts_model.load_state_from(folder)
         elif (folder / RUN_MANIFEST).is_file():  # adapter / none: the trainable weights by state-dict key
             weights = load_file(folder / json.loads((folder / RUN_MANIFEST).read_text())["weights"])
             missing = set(weights) - set(target.state_dict())
@@ -303,24 +303,6 @@ class TSTrainer(Trainer):
             target.load_state_dict(weights, strict=False)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-
-def _load_ts_checkpoint(ts_model: TSPeftModel, folder: Path) -> None:
-    """Load a TSPeftModel.save_pretrained folder into `ts_model` in place (weights, τ and τ-rule state)."""
-    from ..core.io import read_adapter_folder
-    from ..core.model import GATE_STATE
-
-    manifest, tensors = read_adapter_folder(folder)
-    differing = sorted(set(manifest["gated_modules"]) ^ set(ts_model.gates))
-    if differing:
-        raise ValueError(f"{folder}: the checkpoint's gated modules differ from this run's: {differing[:5]}")
-    ts_model._load_adapter_weights({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")},
-                                   folder)
-    with torch.no_grad():
-        for name, gate in ts_model.gates.items():
-            for field in GATE_STATE:
-                getattr(gate, field).copy_(tensors[f"gate.{name}.{field}"].reshape(()))
-        ts_model.rule_step.copy_(tensors["gate.rule_step"].reshape(()))
 
 
 def resolve_checkpoint(spec: str, checkpoints: Path) -> str:
