@@ -22,11 +22,23 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 sys.path.insert(0, str(ROOT))
 
-from quality import SUITES, load_records, save_records  # noqa: E402
+from quality import SUITES, code_commit, load_records, save_records  # noqa: E402
 from tspeft.cli.main import main as tspeft_main  # noqa: E402
 
 TASK = {"encoder": "rotten_tomatoes", "decoder": "piqa"}
 CRITERIA = ("kept_fraction", "relative_magnitude", "delta_weight_norm", "factor_norm", "random")
+
+
+def _check_source(source: Path, task: str, suite: dict) -> None:
+    """Refuse a --source run that is not a finished ts-lora run of this suite's task and model."""
+    metrics_file = source / "metrics.json"
+    if not metrics_file.is_file():
+        raise SystemExit(f"--source {source}: no metrics.json (not a finished `tspeft train` run)")
+    metrics = json.loads(metrics_file.read_text())
+    expected = {"task": task, "method": "ts-lora"}
+    wrong = {k: metrics.get(k) for k, v in expected.items() if metrics.get(k) != v}
+    if wrong:
+        raise SystemExit(f"--source {source}: expected a ts-lora run on {task}, found {wrong}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,13 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fractions", default="0.25,0.5")
     parser.add_argument("--runs-dir", default="runs/importance")
     parser.add_argument("--results", default=str(ROOT / "results" / "importance.json"))
+    parser.add_argument("--source", help="an existing ts-lora run of the suite (same task and flags, e.g. the quality "
+                                         "suite's seed-0 run) to rank from, instead of training one")
     args = parser.parse_args(argv)
     suite, task = SUITES[args.suite], TASK[args.suite]
     runs = Path(args.runs_dir) / args.suite
     common = ["--task", task, "--model", suite["model"], *suite["flags"], "--no-report"]
 
-    source = runs / "ts-lora-all"
-    if not (source / "metrics.json").is_file():
+    source = Path(args.source) if args.source else runs / "ts-lora-all"
+    if args.source:
+        _check_source(source, task, suite)
+    elif not (source / "metrics.json").is_file():
         tspeft_main(["train", *common, "--method", "ts-lora", "--seed", "0", "--out", str(source)])
     importance = source / "importance.json"
     if not importance.is_file():
@@ -65,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
                 records.append({"suite": args.suite, "task": task, "model": suite["model"], "criterion": criterion,
                                 "k": k, "fraction": fraction, "n_modules": n_modules, "seed": seed,
                                 "accuracy": metrics["accuracy"], "target_modules": metrics["target_modules"],
-                                "train_seconds": metrics["train_seconds"], "sizes": " ".join(suite["flags"])})
+                                "train_seconds": metrics["train_seconds"], "sizes": " ".join(suite["flags"]),
+                                "commit": code_commit()})
                 save_records(results, records)
                 print(f"[importance] {criterion} k={k} seed {seed}: accuracy {metrics['accuracy']:.4f}", flush=True)
 

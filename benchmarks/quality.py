@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,6 +40,18 @@ SUITES = {
 SWEEP_KEPT = ["0.9", "0.7", "0.5", "0.3"]
 KEYS = ("task", "model", "method", "seed", "target_kept")
 MACHINE = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
+def code_commit() -> str | None:
+    """The commit the benchmarked code is at (``+dirty`` when src/ or benchmarks/ has uncommitted edits)."""
+    try:
+        git = ["git", "-C", str(ROOT.parent)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "src", "benchmarks"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None  # not a git checkout (e.g. an installed copy): the record says so with None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def load_records(path: Path) -> list[dict]:
@@ -91,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                                                   "train_seconds", "trainable_params", "per_module", "n_train", "n_eval")}
             record.update(model=suite["model"], suite=args.suite, target_kept=key_target,
                           target_kept_used=metrics.get("target_kept"),
-                          sizes=" ".join(suite["flags"]), machine=MACHINE + f", device {metrics.get('device')}")
+                          sizes=" ".join(suite["flags"]), machine=MACHINE + f", device {metrics.get('device')}",
+                          commit=code_commit())
             token_stats = out / "token_stats.json"  # which tokens the gates kept (ts-* runs only)
             if token_stats.is_file():
                 stats = json.loads(token_stats.read_text())
