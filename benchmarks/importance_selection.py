@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 sys.path.insert(0, str(ROOT))
 
-from quality import SUITES, code_commit, load_records, save_records  # noqa: E402
+from provenance import code_commit  # noqa: E402
+from quality import SUITES, load_records, save_records  # noqa: E402
 from tspeft.cli.main import main as tspeft_main  # noqa: E402
 
 TASK = {"encoder": "rotten_tomatoes", "decoder": "piqa"}

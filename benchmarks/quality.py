@@ -15,15 +15,16 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from provenance import code_commit  # noqa: E402
 from tspeft.cli.main import main as tspeft_main  # noqa: E402
 from tspeft.core.io import atomic_write  # noqa: E402
 
@@ -40,18 +41,6 @@ SUITES = {
 SWEEP_KEPT = ["0.9", "0.7", "0.5", "0.3"]
 KEYS = ("task", "model", "method", "seed", "target_kept")
 MACHINE = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-
-
-def code_commit() -> str | None:
-    """The commit the benchmarked code is at (``+dirty`` when src/ or benchmarks/ has uncommitted edits)."""
-    try:
-        git = ["git", "-C", str(ROOT.parent)]
-        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "src", "benchmarks"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None  # not a git checkout (e.g. an installed copy): the record says so with None
-    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def load_records(path: Path) -> list[dict]:

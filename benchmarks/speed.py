@@ -46,8 +46,10 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from tspeft import TokenSelectiveConfig, get_ts_peft_model
-from tspeft.core.attach import LoraDownProjectionHooks
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "src")]  # this checkout's code
+from provenance import code_commit  # noqa: E402
+from tspeft import TokenSelectiveConfig, get_ts_peft_model  # noqa: E402
+from tspeft.core.attach import LoraDownProjectionHooks  # noqa: E402
 
 RANK = 8
 SEQ = 128  # synthetic tokens are laid out as (tokens // SEQ, SEQ, hidden)
@@ -60,7 +62,7 @@ def machine_info(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "device": device.type, "device_name": name,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "commit": code_commit()}
 
 
 def sync(device: torch.device) -> None:

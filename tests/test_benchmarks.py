@@ -82,3 +82,18 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
     assert "| m | t | lora → ts-lora | 0.50 | -0.100 | 0.010 | no |" in text  # 10 points lost: the claim fails
     assert "the claim holds here" in text and (tmp_path / "importance.png").is_file()
     assert "| special | 0.20 | 0.40 | 0.30 |" in text and "content tokens are kept most (0.70)" in text
+
+
+def test_records_name_the_commit_they_ran_on():
+    commit = _load("provenance").code_commit()
+    head = commit.removesuffix("+dirty") if commit else None
+    assert head and all(c in "0123456789abcdef" for c in head), commit  # tests run from a git checkout
+
+
+def test_importance_selection_refuses_a_source_that_is_not_a_ts_lora_run(tmp_path):
+    selection = _load("importance_selection")
+    with pytest.raises(SystemExit, match="no metrics.json"):
+        selection.main(["--suite", "encoder", "--source", str(tmp_path), "--results", str(tmp_path / "r.json")])
+    (tmp_path / "metrics.json").write_text(json.dumps({"task": "rotten_tomatoes", "method": "lora"}))
+    with pytest.raises(SystemExit, match="expected a ts-lora run on rotten_tomatoes"):
+        selection.main(["--suite", "encoder", "--source", str(tmp_path), "--results", str(tmp_path / "r.json")])
