@@ -53,7 +53,8 @@ def quality_section(records: list[dict]) -> list[str]:
     for (model, task), methods in sorted(grouped(records).items()):
         for method, runs in sorted(methods.items()):
             kept = [r["kept_fraction"] for r in runs if r.get("kept_fraction") is not None]
-            lines.append(f"| {model} | {task} | {method} | {len(runs)} | {fmt([r['accuracy'] for r in runs])} | "
+            name = "none (zero-shot)" if method == "none" else method
+            lines.append(f"| {model} | {task} | {name} | {len(runs)} | {fmt([r['accuracy'] for r in runs])} | "
                          f"{fmt(kept, 2)} | {fmt([r['train_seconds'] for r in runs], 0)} |")
     lines += ["", "### Does discarding 30–70 % of token updates keep accuracy?", "",
               "Per task and pair: Δ = mean accuracy of the token-selective run minus its dense twin; the claim is "
@@ -73,6 +74,14 @@ def quality_section(records: list[dict]) -> list[str]:
             holds = 0.3 <= discarded <= 0.7 and delta >= -noise
             lines.append(f"| {model} | {task} | {dense} → {gated} | {discarded:.2f} | {delta:+.3f} | {noise:.3f} | "
                          f"{'yes' if holds else 'no'} |")
+    lines.append("")
+    for (model, task), methods in sorted(grouped(records).items()):
+        trained = [r["accuracy"] for method, runs in methods.items() if method != "none" for r in runs]
+        if len(trained) > 1 and len(set(trained)) == 1:
+            # Every run scoring exactly the same means the classifiers predict one class: no evidence either way.
+            lines.append(f"- {model} / {task}: all {len(trained)} trained runs score exactly {trained[0]:.3f}, i.e. "
+                         "they predict a single class; this task gives no evidence for or against the claim at "
+                         "these sizes.")
     return lines + [""]
 
 
@@ -107,6 +116,16 @@ def sweep_section(records: list[dict]) -> list[str]:
     return lines + ["", "![accuracy vs kept fraction](sweep.png)", ""]
 
 
+def layer_spans(layers: list[str], most: int = 8) -> list[list[str]]:
+    """Consecutive layers grouped so that a table has at most `most` layer columns (deep decoders)."""
+    size = -(-len(layers) // most)
+    return [layers[i:i + size] for i in range(0, len(layers), size)]
+
+
+def span_name(span: list[str]) -> str:
+    return f"layer {span[0]}" if len(span) == 1 else f"layers {span[0]}–{span[-1]}"
+
+
 def token_section(records: list[dict]) -> list[str]:
     """Kept fraction by token kind and by position, per layer, averaged over the seeds of each gated method."""
     groups = defaultdict(list)
@@ -117,22 +136,29 @@ def token_section(records: list[dict]) -> list[str]:
         return ["No token statistics yet (written by quality.py for ts-* runs).", ""]
     lines = ["Share of each kind of token whose update a layer applied (mean over the layer's gated modules, then "
              "over seeds), measured on the first 256 eval examples of each run.", ""]
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.4), squeeze=False)
-    for ax, ((model, task, method), stats) in zip(axes[0], sorted(groups.items())):
+    columns = min(3, len(groups))
+    rows = -(-len(groups) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, ((model, task, method), stats) in zip(axes.flat, sorted(groups.items())):
         for table_name in ("by_kind", "by_position"):
             layers = sorted(stats[0][table_name], key=int)
             kinds = sorted({kind for st in stats for layer in st[table_name].values() for kind in layer})
+            spans = layer_spans(layers)
             lines += [f"**{model} / {task} / {method}, {table_name.replace('_', ' ')}** ({len(stats)} seeds)", "",
-                      "| token " + table_name[3:] + " | " + " | ".join(f"layer {l}" for l in layers) + " | all layers |",
-                      "|---" * (len(layers) + 2) + "|"]
+                      "| token " + table_name[3:] + " | " + " | ".join(span_name(span) for span in spans)
+                      + " | all layers |", "|---" * (len(spans) + 2) + "|"]
             means = {}
             for kind in kinds:
                 per_layer = [statistics.fmean(st[table_name][l][kind]["kept_fraction"] for st in stats
                                               if kind in st[table_name].get(l, {})) for l in layers]
                 means[kind] = statistics.fmean(per_layer)
-                lines.append(f"| {kind} | " + " | ".join(f"{v:.2f}" for v in per_layer) + f" | {means[kind]:.2f} |")
+                by_layer = dict(zip(layers, per_layer))
+                per_span = [statistics.fmean(by_layer[l] for l in span) for span in spans]
+                lines.append(f"| {kind} | " + " | ".join(f"{v:.2f}" for v in per_span) + f" | {means[kind]:.2f} |")
                 if table_name == "by_kind":
-                    ax.plot([int(l) for l in layers], per_layer, marker="o", label=kind)
+                    ax.plot([int(l) for l in layers], per_layer, marker="o", markersize=3, label=kind)
             lines.append("")
             if table_name == "by_kind":
                 most, least = max(means, key=means.get), min(means, key=means.get)

@@ -72,6 +72,8 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
         if record["method"] == "ts-lora":
             record["token_stats"] = {"by_kind": kinds, "by_position": {"0": {"0": {"kept_fraction": 0.5, "tokens": 2}},
                                                                        "1": {"0": {"kept_fraction": 0.7, "tokens": 2}}}}
+    quality += [{"task": "stuck", "model": "m", "method": method, "seed": seed, "accuracy": 0.6, "train_seconds": 1.0,
+                 "kept_fraction": kept} for seed in range(2) for method, kept in [("lora", 1.0), ("ts-lora", 0.7)]]
     importance = [{"model": "m", "task": "t", "k": 2, "n_modules": 8, "criterion": c, "seed": seed, "accuracy": acc}
                   for seed in range(3) for c, acc in [("kept_fraction", 0.9), ("delta_weight_norm", 0.7),
                                                       ("factor_norm", 0.6), ("random", 0.5)]]
@@ -82,6 +84,14 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
     assert "| m | t | lora → ts-lora | 0.50 | -0.100 | 0.010 | no |" in text  # 10 points lost: the claim fails
     assert "the claim holds here" in text and (tmp_path / "importance.png").is_file()
     assert "| special | 0.20 | 0.40 | 0.30 |" in text and "content tokens are kept most (0.70)" in text
+    assert "m / stuck: all 4 trained runs score exactly 0.600" in text and "m / t: all" not in text
+
+
+def test_token_tables_group_the_layers_of_deep_models():
+    tables = _load("make_tables")
+    spans = tables.layer_spans([str(i) for i in range(30)])
+    assert len(spans) == 8 and [l for span in spans for l in span] == [str(i) for i in range(30)]
+    assert tables.span_name(spans[0]) == "layers 0–3" and tables.layer_spans(["0", "1"]) == [["0"], ["1"]]
 
 
 def test_records_name_the_commit_they_ran_on():
