@@ -89,9 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             out = Path(args.runs_dir) / args.suite / task / f"{method}{'@' + kept if kept else ''}-s{seed}"
             metrics = run_one(suite, task, method, seed, out, extra)
-            record = {k: metrics.get(k) for k in ("task", "method", "seed", "accuracy", "kept_fraction",
-                                                  "train_seconds", "eval_seconds", "trainable_params", "per_module", "n_train",
-                                                  "n_eval")}
+            record = {k: metrics.get(k) for k in ("task", "method", "seed", "accuracy", "kept_fraction", "train_seconds",
+                                                  "eval_seconds", "trainable_params", "per_module", "n_train", "n_eval")}
             record.update(model=suite["model"], suite=args.suite, target_kept=key_target,
                           target_kept_used=metrics.get("target_kept"),
                           sizes=" ".join(suite["flags"]), machine=MACHINE + f", device {metrics.get('device')}",

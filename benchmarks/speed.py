@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "src")]  # this checkout's code
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "src")]  # this checkout's code, not an installed copy
 from provenance import code_commit  # noqa: E402
 from tspeft import TokenSelectiveConfig, get_ts_peft_model  # noqa: E402
 from tspeft.core.attach import LoraDownProjectionHooks  # noqa: E402
