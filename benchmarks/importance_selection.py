@@ -30,8 +30,8 @@ TASK = {"encoder": "rotten_tomatoes", "decoder": "piqa"}
 CRITERIA = ("kept_fraction", "relative_magnitude", "delta_weight_norm", "factor_norm", "random")
 
 
-def _check_source(source: Path, task: str, suite: dict) -> None:
-    """Refuse a --source run that is not a finished ts-lora run of this suite's task and model."""
+def _check_source(source: Path, task: str) -> None:
+    """Refuse a --source run that is not a finished ts-lora run of this suite's task."""
     metrics_file = source / "metrics.json"
     if not metrics_file.is_file():
         raise SystemExit(f"--source {source}: no metrics.json (not a finished `tspeft train` run)")
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
     source = Path(args.source) if args.source else runs / "ts-lora-all"
     if args.source:
-        _check_source(source, task, suite)
+        _check_source(source, task)
     elif not (source / "metrics.json").is_file():
         tspeft_main(["train", *common, "--method", "ts-lora", "--seed", "0", "--out", str(source)])
     importance = source / "importance.json"

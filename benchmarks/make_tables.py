@@ -126,6 +126,20 @@ def span_name(span: list[str]) -> str:
     return f"layer {span[0]}" if len(span) == 1 else f"layers {span[0]}–{span[-1]}"
 
 
+def vocabulary_lines(stats: list[dict], shown: int = 8) -> list[str]:
+    """Most and least kept vocabulary items, each token's kept fraction averaged over the seeds that list it."""
+    lines = []
+    for field, label in (("most_kept_tokens", "Most kept tokens"), ("least_kept_tokens", "Least kept tokens")):
+        seen = defaultdict(list)
+        for st in stats:
+            for token, kept, _count in st.get(field) or []:
+                seen[token].append(kept)
+        if seen:
+            ranked = sorted(seen, key=lambda t: statistics.fmean(seen[t]), reverse=field == "most_kept_tokens")
+            lines.append(f"{label}: " + ", ".join(f"`{t}` {statistics.fmean(seen[t]):.2f}" for t in ranked[:shown]))
+    return lines + [""] if lines else []
+
+
 def token_section(records: list[dict]) -> list[str]:
     """Kept fraction by token kind and by position, per layer, averaged over the seeds of each gated method."""
     groups = defaultdict(list)
@@ -164,6 +178,7 @@ def token_section(records: list[dict]) -> list[str]:
                 most, least = max(means, key=means.get), min(means, key=means.get)
                 lines += [f"Across layers, {most} tokens are kept most ({means[most]:.2f}) and {least} tokens least "
                           f"({means[least]:.2f}).", ""]
+        lines += vocabulary_lines(stats)
         ax.set_title(f"{model} / {task} / {method}", fontsize=9)
         ax.set_xlabel("layer")
         ax.set_ylabel("kept fraction")

@@ -51,6 +51,32 @@ def save_records(path: Path, records: list[dict]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
 
 
+def run_dir(runs_dir: str, suite_name: str, task: str, method: str, seed: int, kept: str | None) -> Path:
+    return Path(runs_dir) / suite_name / task / f"{method}{'@' + kept if kept else ''}-s{seed}"
+
+
+def token_stats_of(out: Path) -> dict | None:
+    """Which tokens the gates kept, from a run's token_stats.json (ts-* runs only)."""
+    path = out / "token_stats.json"
+    if not path.is_file():
+        return None
+    stats = json.loads(path.read_text())
+    return {k: stats.get(k) for k in ("by_kind", "by_position", "most_kept_tokens", "least_kept_tokens")}
+
+
+def refresh_token_stats(records: list[dict], runs_dir: str, suite_name: str) -> int:
+    """Re-read token_stats.json of the suite's finished runs into their records (e.g. for fields added later)."""
+    refreshed = 0
+    for record in records:
+        if record.get("suite") != suite_name:
+            continue
+        kept = f"{record['target_kept']:g}" if record.get("target_kept") is not None else None
+        stats = token_stats_of(run_dir(runs_dir, suite_name, record["task"], record["method"], record["seed"], kept))
+        if stats is not None:
+            record["token_stats"], refreshed = stats, refreshed + 1
+    return refreshed
+
+
 def run_one(suite: dict, task: str, method: str, seed: int, out: Path, extra: list[str]) -> dict:
     args = ["train", "--task", task, "--model", suite["model"], "--method", method, "--seed", str(seed),
             "--out", str(out), *suite["flags"], *extra]
@@ -67,12 +93,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", help="comma-separated subset of the suite's methods")
     parser.add_argument("--runs-dir", default="runs/bench")
     parser.add_argument("--results", default=None, help="output JSON (default benchmarks/results/quality.json or sweep.json)")
+    parser.add_argument("--refresh-token-stats", action="store_true",
+                        help="only re-read token_stats.json of finished runs under --runs-dir into their records")
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
     seeds = [int(s) for s in args.seeds.split(",")]
     results = Path(args.results or ROOT / "results" / ("sweep.json" if args.sweep else "quality.json"))
     records = load_records(results)
     done = {tuple(r.get(k) for k in KEYS) for r in records}
+    if args.refresh_token_stats:
+        refreshed = refresh_token_stats(records, args.runs_dir, args.suite)
+        save_records(results, records)
+        print(f"[quality] token statistics refreshed for {refreshed} records of {results}")
+        return
     if args.sweep:
         plan = [(suite["sweep_task"], "ts-lora", kept) for kept in SWEEP_KEPT] + [(suite["sweep_task"], "lora", None)]
     else:
@@ -87,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             key_target = float(kept) if kept else None
             if (task, suite["model"], method, seed, key_target) in done:
                 continue
-            out = Path(args.runs_dir) / args.suite / task / f"{method}{'@' + kept if kept else ''}-s{seed}"
+            out = run_dir(args.runs_dir, args.suite, task, method, seed, kept)
             metrics = run_one(suite, task, method, seed, out, extra)
             record = {k: metrics.get(k) for k in ("task", "method", "seed", "accuracy", "kept_fraction", "train_seconds",
                                                   "eval_seconds", "trainable_params", "per_module", "n_train", "n_eval")}
@@ -95,10 +128,9 @@ def main(argv: list[str] | None = None) -> None:
                           target_kept_used=metrics.get("target_kept"),
                           sizes=" ".join(suite["flags"]), machine=MACHINE + f", device {metrics.get('device')}",
                           commit=code_commit())
-            token_stats = out / "token_stats.json"  # which tokens the gates kept (ts-* runs only)
-            if token_stats.is_file():
-                stats = json.loads(token_stats.read_text())
-                record["token_stats"] = {k: stats.get(k) for k in ("by_kind", "by_position")}
+            token_stats = token_stats_of(out)
+            if token_stats is not None:
+                record["token_stats"] = token_stats
             records.append(record)
             save_records(results, records)
             print(f"[quality] {task} {method} seed {seed}: accuracy {record['accuracy']:.4f} "

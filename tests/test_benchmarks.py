@@ -71,7 +71,9 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
     for record in quality:
         if record["method"] == "ts-lora":
             record["token_stats"] = {"by_kind": kinds, "by_position": {"0": {"0": {"kept_fraction": 0.5, "tokens": 2}},
-                                                                       "1": {"0": {"kept_fraction": 0.7, "tokens": 2}}}}
+                                                                       "1": {"0": {"kept_fraction": 0.7, "tokens": 2}}},
+                                     "most_kept_tokens": [["great", 0.9 + 0.01 * record["seed"], 3]],
+                                     "least_kept_tokens": [["the", 0.2, 9], ["a", 0.1, 4]]}
     quality += [{"task": "stuck", "model": "m", "method": method, "seed": seed, "accuracy": 0.6, "train_seconds": 1.0,
                  "kept_fraction": kept} for seed in range(2) for method, kept in [("lora", 1.0), ("ts-lora", 0.7)]]
     importance = [{"model": "m", "task": "t", "k": 2, "n_modules": 8, "criterion": c, "seed": seed, "accuracy": acc}
@@ -84,6 +86,7 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
     assert "| m | t | lora → ts-lora | 0.50 | -0.100 | 0.010 | no |" in text  # 10 points lost: the claim fails
     assert "the claim holds here" in text and (tmp_path / "importance.png").is_file()
     assert "| special | 0.20 | 0.40 | 0.30 |" in text and "content tokens are kept most (0.70)" in text
+    assert "Most kept tokens: `great` 0.91" in text and "Least kept tokens: `a` 0.10, `the` 0.20" in text
     assert "m / stuck: all 4 trained runs score exactly 0.600" in text and "m / t: all" not in text
 
 
@@ -107,3 +110,18 @@ def test_importance_selection_refuses_a_source_that_is_not_a_ts_lora_run(tmp_pat
     (tmp_path / "metrics.json").write_text(json.dumps({"task": "rotten_tomatoes", "method": "lora"}))
     with pytest.raises(SystemExit, match="expected a ts-lora run on rotten_tomatoes"):
         selection.main(["--suite", "encoder", "--source", str(tmp_path), "--results", str(tmp_path / "r.json")])
+
+
+def test_quality_refreshes_token_statistics_from_finished_runs(tmp_path):
+    quality = _load("quality")
+    records = [{"suite": "decoder", "task": "piqa", "method": "ts-lora", "seed": 1, "target_kept": None},
+               {"suite": "decoder", "task": "piqa", "method": "ts-lora", "seed": 0, "target_kept": 0.5},
+               {"suite": "decoder", "task": "piqa", "method": "lora", "seed": 0, "target_kept": None}]
+    for name in ("ts-lora-s1", "ts-lora@0.5-s0"):
+        run = tmp_path / "decoder" / "piqa" / name
+        run.mkdir(parents=True)
+        (run / "token_stats.json").write_text(json.dumps({"by_kind": {"0": {}}, "most_kept_tokens": [["x", 1.0, 3]],
+                                                          "note": "not copied"}))
+    assert quality.refresh_token_stats(records, str(tmp_path), "decoder") == 2
+    assert records[0]["token_stats"]["most_kept_tokens"] == [["x", 1.0, 3]] and "note" not in records[0]["token_stats"]
+    assert "token_stats" in records[1] and "token_stats" not in records[2]
