@@ -136,8 +136,20 @@ def vocabulary_lines(stats: list[dict], shown: int = 8) -> list[str]:
                 seen[token].append(kept)
         if seen:
             ranked = sorted(seen, key=lambda t: statistics.fmean(seen[t]), reverse=field == "most_kept_tokens")
-            lines.append(f"{label}: " + ", ".join(f"`{t}` {statistics.fmean(seen[t]):.2f}" for t in ranked[:shown]))
+            lines.append(f"{label}: " + ", ".join(f"`{readable(t)}` {statistics.fmean(seen[t]):.2f}"
+                                                  for t in ranked[:shown]))
+    if any(mark in line for line in lines for mark in BYTE_BPE_MARKS.values()):
+        lines.append("(byte-level BPE tokens: ␣ is a leading space, ↵ a newline)")
     return lines + [""] if lines else []
+
+
+BYTE_BPE_MARKS = {"Ġ": "␣", "Ċ": "↵"}  # how GPT-2-style tokenizers spell a leading space and a newline
+
+
+def readable(token: str) -> str:
+    for mark, shown in BYTE_BPE_MARKS.items():
+        token = token.replace(mark, shown)
+    return token
 
 
 def token_section(records: list[dict]) -> list[str]:

@@ -73,7 +73,7 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
             record["token_stats"] = {"by_kind": kinds, "by_position": {"0": {"0": {"kept_fraction": 0.5, "tokens": 2}},
                                                                        "1": {"0": {"kept_fraction": 0.7, "tokens": 2}}},
                                      "most_kept_tokens": [["great", 0.9 + 0.01 * record["seed"], 3]],
-                                     "least_kept_tokens": [["the", 0.2, 9], ["a", 0.1, 4]]}
+                                     "least_kept_tokens": [["the", 0.2, 9], ["a", 0.1, 4], ["\u0120sun", 0.3, 3]]}
     quality += [{"task": "stuck", "model": "m", "method": method, "seed": seed, "accuracy": 0.6, "train_seconds": 1.0,
                  "kept_fraction": kept} for seed in range(2) for method, kept in [("lora", 1.0), ("ts-lora", 0.7)]]
     importance = [{"model": "m", "task": "t", "k": 2, "n_modules": 8, "criterion": c, "seed": seed, "accuracy": acc}
@@ -86,7 +86,7 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
     assert "| m | t | lora → ts-lora | 0.50 | -0.100 | 0.010 | no |" in text  # 10 points lost: the claim fails
     assert "the claim holds here" in text and (tmp_path / "importance.png").is_file()
     assert "| special | 0.20 | 0.40 | 0.30 |" in text and "content tokens are kept most (0.70)" in text
-    assert "Most kept tokens: `great` 0.91" in text and "Least kept tokens: `a` 0.10, `the` 0.20" in text
+    assert "Most kept tokens: `great` 0.91" in text and "Least kept tokens: `a` 0.10, `the` 0.20, `␣sun` 0.30" in text
     assert "m / stuck: all 4 trained runs score exactly 0.600" in text and "m / t: all" not in text
 
 
