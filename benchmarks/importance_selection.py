@@ -47,11 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suite", choices=sorted(TASK), required=True)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--fractions", default="0.25,0.5")
+    parser.add_argument("--criteria", default=",".join(CRITERIA), help="comma-separated subset of the criteria")
     parser.add_argument("--runs-dir", default="runs/importance")
     parser.add_argument("--results", default=str(ROOT / "results" / "importance.json"))
     parser.add_argument("--source", help="an existing ts-lora run of the suite (same task and flags, e.g. the quality "
                                          "suite's seed-0 run) to rank from, instead of training one")
     args = parser.parse_args(argv)
+    criteria = args.criteria.split(",")
+    unknown = sorted(set(criteria) - set(CRITERIA))
+    if unknown:
+        parser.error(f"unknown criteria {unknown}; choose from {', '.join(CRITERIA)}")
     suite, task = SUITES[args.suite], TASK[args.suite]
     runs = Path(args.runs_dir) / args.suite
     common = ["--task", task, "--model", suite["model"], *suite["flags"], "--no-report"]
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     done = {(r["suite"], r["criterion"], r["k"], r["seed"]) for r in records}
     for fraction in (float(f) for f in args.fractions.split(",")):
         k = max(1, round(fraction * n_modules))
-        for criterion in CRITERIA:
+        for criterion in criteria:
             for seed in (int(s) for s in args.seeds.split(",")):
                 if (args.suite, criterion, k, seed) in done:
                     continue

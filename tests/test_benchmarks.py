@@ -105,6 +105,8 @@ def test_records_name_the_commit_they_ran_on():
 
 def test_importance_selection_refuses_a_source_that_is_not_a_ts_lora_run(tmp_path):
     selection = _load("importance_selection")
+    with pytest.raises(SystemExit):
+        selection.main(["--suite", "encoder", "--criteria", "kept_fraction,weight_magic"])
     with pytest.raises(SystemExit, match="no metrics.json"):
         selection.main(["--suite", "encoder", "--source", str(tmp_path), "--results", str(tmp_path / "r.json")])
     (tmp_path / "metrics.json").write_text(json.dumps({"task": "rotten_tomatoes", "method": "lora"}))
