@@ -127,3 +127,21 @@ def test_quality_refreshes_token_statistics_from_finished_runs(tmp_path):
     assert quality.refresh_token_stats(records, str(tmp_path), "decoder") == 2
     assert records[0]["token_stats"]["most_kept_tokens"] == [["x", 1.0, 3]] and "note" not in records[0]["token_stats"]
     assert "token_stats" in records[1] and "token_stats" not in records[2]
+
+
+def test_merge_results_adds_new_runs_and_refuses_conflicts(tmp_path):
+    merger = _load("merge_results")
+    run = {"task": "piqa", "model": "smollm2", "method": "lora", "seed": 0, "target_kept": None, "accuracy": 0.6}
+    other = {**run, "seed": 1, "accuracy": 0.7}
+    ranked = {"suite": "decoder", "criterion": "random", "k": 3, "seed": 0, "accuracy": 0.5}
+    into, a, b = tmp_path / "into.json", tmp_path / "a.json", tmp_path / "b.json"
+    into.write_text(json.dumps([run]))
+    a.write_text(json.dumps([run, other]))
+    b.write_text(json.dumps([ranked]))
+    merger.main([str(a), str(b), "--into", str(into)])
+    assert json.loads(into.read_text()) == [run, other, ranked]
+    a.write_text(json.dumps([{**run, "accuracy": 0.9}]))
+    with pytest.raises(SystemExit, match="two different records for the same run"):
+        merger.main([str(a), "--into", str(into)])
+    with pytest.raises(SystemExit, match="no such result file"):
+        merger.main([str(tmp_path / "nope.json"), "--into", str(into)])
