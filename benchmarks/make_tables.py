@@ -72,7 +72,7 @@ def quality_section(records: list[dict]) -> list[str]:
             delta = statistics.fmean(gated_acc) - statistics.fmean(dense_acc)
             noise = mean_std(dense_acc)[1]
             holds = 0.3 <= discarded <= 0.7 and delta >= -noise
-            lines.append(f"| {model} | {task} | {dense} → {gated} | {discarded:.2f} | {delta:+.3f} | {noise:.3f} | "
+            lines.append(f"| {model} | {task} | {dense} → {gated} | {discarded:.3f} | {delta:+.3f} | {noise:.3f} | "
                          f"{'yes' if holds else 'no'} |")
     lines.append("")
     for (model, task), methods in sorted(grouped(records).items()):
@@ -82,6 +82,13 @@ def quality_section(records: list[dict]) -> list[str]:
             lines.append(f"- {model} / {task}: all {len(trained)} trained runs score exactly {trained[0]:.3f}, i.e. "
                          "they predict a single class; this task gives no evidence for or against the claim at "
                          "these sizes.")
+        if "none" in methods:
+            zero_shot = statistics.fmean(r["accuracy"] for r in methods["none"])
+            best = max(statistics.fmean(r["accuracy"] for r in runs) for m, runs in methods.items() if m != "none")
+            if best < zero_shot:
+                lines.append(f"- {model} / {task}: every fine-tuned method scores below the zero-shot model "
+                             f"({best:.3f} at best vs {zero_shot:.3f}): at these sizes fine-tuning hurts, so the "
+                             "comparison says little about the claim.")
     return lines + [""]
 
 

@@ -76,6 +76,8 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
                                      "least_kept_tokens": [["the", 0.2, 9], ["a", 0.1, 4], ["\u0120sun", 0.3, 3]]}
     quality += [{"task": "stuck", "model": "m", "method": method, "seed": seed, "accuracy": 0.6, "train_seconds": 1.0,
                  "kept_fraction": kept} for seed in range(2) for method, kept in [("lora", 1.0), ("ts-lora", 0.7)]]
+    quality += [{"task": "stuck", "model": "m", "method": "none", "seed": 0, "accuracy": 0.65, "train_seconds": 0.0,
+                 "kept_fraction": None}]
     importance = [{"model": "m", "task": "t", "k": 2, "n_modules": 8, "criterion": c, "seed": seed, "accuracy": acc}
                   for seed in range(3) for c, acc in [("kept_fraction", 0.9), ("delta_weight_norm", 0.7),
                                                       ("factor_norm", 0.6), ("random", 0.5)]]
@@ -83,11 +85,12 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
     (results / "importance.json").write_text(json.dumps(importance))
     tables.main()
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "| m | t | lora → ts-lora | 0.50 | -0.100 | 0.010 | no |" in text  # 10 points lost: the claim fails
+    assert "| m | t | lora → ts-lora | 0.500 | -0.100 | 0.010 | no |" in text  # 10 points lost: the claim fails
     assert "the claim holds here" in text and (tmp_path / "importance.png").is_file()
     assert "| special | 0.20 | 0.40 | 0.30 |" in text and "content tokens are kept most (0.70)" in text
     assert "Most kept tokens: `great` 0.91" in text and "Least kept tokens: `a` 0.10, `the` 0.20, `␣sun` 0.30" in text
-    assert "m / stuck: all 4 trained runs score exactly 0.600" in text and "m / t: all" not in text
+    assert "m / stuck: all 4 trained runs score exactly 0.600" in text
+    assert "m / stuck: every fine-tuned method scores below the zero-shot model (0.600 at best vs 0.650)" in text and "m / t: all" not in text
 
 
 def test_token_tables_group_the_layers_of_deep_models():
