@@ -143,10 +143,10 @@ def vocabulary_lines(stats: list[dict], shown: int = 8) -> list[str]:
                 seen[token].append(kept)
         if seen:
             ranked = sorted(seen, key=lambda t: statistics.fmean(seen[t]), reverse=field == "most_kept_tokens")
-            lines.append(f"{label}: " + ", ".join(f"`{readable(t)}` {statistics.fmean(seen[t]):.2f}"
-                                                  for t in ranked[:shown]))
+            lines.append(f"- {label}: " + ", ".join(f"`{readable(t)}` {statistics.fmean(seen[t]):.2f}"
+                                                    for t in ranked[:shown]))
     if any(mark in line for line in lines for mark in BYTE_BPE_MARKS.values()):
-        lines.append("(byte-level BPE tokens: ␣ is a leading space, ↵ a newline)")
+        lines.append("- (byte-level BPE tokens: ␣ is a leading space, ↵ a newline)")
     return lines + [""] if lines else []
 
 
@@ -197,7 +197,10 @@ def token_section(records: list[dict]) -> list[str]:
                 most, least = max(means, key=means.get), min(means, key=means.get)
                 lines += [f"Across layers, {most} tokens are kept most ({means[most]:.2f}) and {least} tokens least "
                           f"({means[least]:.2f}).", ""]
-        lines += vocabulary_lines(stats)
+        vocabulary = vocabulary_lines(stats)
+        if vocabulary:
+            lines += [f"**{model} / {task} / {method}, vocabulary** (tokens seen at least 3 times per run)", "",
+                      *vocabulary]
         ax.set_title(f"{model} / {task} / {method}", fontsize=9)
         ax.set_xlabel("layer")
         ax.set_ylabel("kept fraction")

@@ -88,7 +88,7 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
     assert "| m | t | lora → ts-lora | 0.500 | -0.100 | 0.010 | no |" in text  # 10 points lost: the claim fails
     assert "the claim holds here" in text and (tmp_path / "importance.png").is_file()
     assert "| special | 0.20 | 0.40 | 0.30 |" in text and "content tokens are kept most (0.70)" in text
-    assert "Most kept tokens: `great` 0.91" in text and "Least kept tokens: `a` 0.10, `the` 0.20, `␣sun` 0.30" in text
+    assert "- Most kept tokens: `great` 0.91" in text and "- Least kept tokens: `a` 0.10, `the` 0.20, `␣sun` 0.30" in text
     assert "m / stuck: all 4 trained runs score exactly 0.600" in text
     assert "m / stuck: every fine-tuned method scores below the zero-shot model (0.600 at best vs 0.650)" in text and "m / t: all" not in text
 
