@@ -246,9 +246,12 @@ def importance_section(records: list[dict]) -> list[str]:
         noise = max(learned[1], max(scores[c][1] for c in scores))
         verdict = ("holds" if margin > noise and learned[0] > floor[0] else
                    "is not supported (within seed noise)" if abs(margin) <= noise else "does not hold")
+        mean_r = scores.get("relative_magnitude")
         lines.append(f"- {model} / {task}, top {k} of {n} modules: learned kept fraction {learned[0]:.3f} vs best "
                      f"weight criterion {max(weights):.3f} (Δ {margin:+.3f}, largest seed std {noise:.3f}) and random "
-                     f"{floor[0]:.3f}: the claim {verdict} here.")
+                     f"{floor[0]:.3f}: the claim {verdict} here."
+                     + (f" (The gate's other learned statistic, mean relative magnitude r, scored {mean_r[0]:.3f}.)"
+                        if mean_r else ""))
     fig.tight_layout()
     fig.savefig(ROOT / "importance.png", dpi=110)
     plt.close(fig)

@@ -79,18 +79,20 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
     quality += [{"task": "stuck", "model": "m", "method": "none", "seed": 0, "accuracy": 0.65, "train_seconds": 0.0,
                  "kept_fraction": None}]
     importance = [{"model": "m", "task": "t", "k": 2, "n_modules": 8, "criterion": c, "seed": seed, "accuracy": acc}
-                  for seed in range(3) for c, acc in [("kept_fraction", 0.9), ("delta_weight_norm", 0.7),
-                                                      ("factor_norm", 0.6), ("random", 0.5)]]
+                  for seed in range(3) for c, acc in [("kept_fraction", 0.9), ("relative_magnitude", 0.8),
+                                                      ("delta_weight_norm", 0.7), ("factor_norm", 0.6), ("random", 0.5)]]
     (results / "quality.json").write_text(json.dumps(quality))
     (results / "importance.json").write_text(json.dumps(importance))
     tables.main()
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| m | t | lora → ts-lora | 0.500 | -0.100 | 0.010 | no |" in text  # 10 points lost: the claim fails
     assert "the claim holds here" in text and (tmp_path / "importance.png").is_file()
+    assert "mean relative magnitude r, scored 0.800" in text
     assert "| special | 0.20 | 0.40 | 0.30 |" in text and "content tokens are kept most (0.70)" in text
-    assert "- Most kept tokens: `great` 0.91" in text and "- Least kept tokens: `a` 0.10, `the` 0.20, `␣sun` 0.30" in text
-    assert "m / stuck: all 4 trained runs score exactly 0.600" in text
-    assert "m / stuck: every fine-tuned method scores below the zero-shot model (0.600 at best vs 0.650)" in text and "m / t: all" not in text
+    assert "- Most kept tokens: `great` 0.91" in text
+    assert "- Least kept tokens: `a` 0.10, `the` 0.20, `␣sun` 0.30" in text
+    assert "m / stuck: all 4 trained runs score exactly 0.600" in text and "m / t: all" not in text
+    assert "m / stuck: every fine-tuned method scores below the zero-shot model (0.600 at best vs 0.650)" in text
 
 
 def test_token_tables_group_the_layers_of_deep_models():
