@@ -28,6 +28,7 @@ from tspeft.cli.main import main as tspeft_main  # noqa: E402
 
 TASK = {"encoder": "rotten_tomatoes", "decoder": "piqa"}
 CRITERIA = ("kept_fraction", "relative_magnitude", "delta_weight_norm", "factor_norm", "random")
+KEYS = ("suite", "criterion", "k", "seed")  # what identifies one run (resuming skips runs already recorded)
 
 
 def _check_source(source: Path, task: str) -> None:
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = Path(args.results)
     records = load_records(results)
-    done = {(r["suite"], r["criterion"], r["k"], r["seed"]) for r in records}
+    done = {tuple(r[key] for key in KEYS) for r in records}
     for fraction in (float(f) for f in args.fractions.split(",")):
         k = max(1, round(fraction * n_modules))
         for criterion in criteria:

@@ -48,9 +48,10 @@ def grouped(records: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]
 def quality_section(records: list[dict]) -> list[str]:
     if not records:
         return ["No quality results yet: run `python benchmarks/quality.py --suite encoder` (and `decoder`).", ""]
+    table = sorted(grouped(records).items())
     lines = ["| model | task | method | seeds | accuracy (mean ± std) | kept fraction | train s |",
              "|---|---|---|---|---|---|---|"]
-    for (model, task), methods in sorted(grouped(records).items()):
+    for (model, task), methods in table:
         for method, runs in sorted(methods.items()):
             kept = [r["kept_fraction"] for r in runs if r.get("kept_fraction") is not None]
             name = "none (zero-shot)" if method == "none" else method
@@ -61,7 +62,7 @@ def quality_section(records: list[dict]) -> list[str]:
               "counted as holding when 0.3 ≤ discarded share ≤ 0.7 and Δ ≥ −(std of the dense runs) "
               "(i.e. within seed noise or better).", "",
               "| model | task | pair | discarded share | Δ accuracy | dense std | holds |", "|---|---|---|---|---|---|---|"]
-    for (model, task), methods in sorted(grouped(records).items()):
+    for (model, task), methods in table:
         for dense, gated in PAIRS:
             if dense not in methods or gated not in methods:
                 continue
@@ -75,7 +76,7 @@ def quality_section(records: list[dict]) -> list[str]:
             lines.append(f"| {model} | {task} | {dense} → {gated} | {discarded:.3f} | {delta:+.3f} | {noise:.3f} | "
                          f"{'yes' if holds else 'no'} |")
     lines.append("")
-    for (model, task), methods in sorted(grouped(records).items()):
+    for (model, task), methods in table:
         trained = [r["accuracy"] for method, runs in methods.items() if method != "none" for r in runs]
         if len(trained) > 1 and len(set(trained)) == 1:
             # Every run scoring exactly the same means the classifiers predict one class: no evidence either way.
@@ -133,6 +134,15 @@ def span_name(span: list[str]) -> str:
     return f"layer {span[0]}" if len(span) == 1 else f"layers {span[0]}–{span[-1]}"
 
 
+BYTE_BPE_MARKS = {"Ġ": "␣", "Ċ": "↵"}  # how GPT-2-style tokenizers spell a leading space and a newline
+
+
+def readable(token: str) -> str:
+    for mark, shown in BYTE_BPE_MARKS.items():
+        token = token.replace(mark, shown)
+    return token
+
+
 def vocabulary_lines(stats: list[dict], shown: int = 8) -> list[str]:
     """Most and least kept vocabulary items, each token's kept fraction averaged over the seeds that list it."""
     lines = []
@@ -149,14 +159,6 @@ def vocabulary_lines(stats: list[dict], shown: int = 8) -> list[str]:
         lines.append("- (byte-level BPE tokens: ␣ is a leading space, ↵ a newline)")
     return lines + [""] if lines else []
 
-
-BYTE_BPE_MARKS = {"Ġ": "␣", "Ċ": "↵"}  # how GPT-2-style tokenizers spell a leading space and a newline
-
-
-def readable(token: str) -> str:
-    for mark, shown in BYTE_BPE_MARKS.items():
-        token = token.replace(mark, shown)
-    return token
 
 
 def token_section(records: list[dict]) -> list[str]:

@@ -12,15 +12,13 @@ and two different records for the same run are refused rather than one silently 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from importance_selection import KEYS as IMPORTANCE_KEYS  # noqa: E402
 from quality import KEYS, load_records, save_records  # noqa: E402
-
-IMPORTANCE_KEYS = ("suite", "criterion", "k", "seed")
 
 
 def record_key(record: dict) -> tuple:

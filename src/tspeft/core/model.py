@@ -28,7 +28,6 @@ from .gate import GATE_STATE, TokenGate
 from .tau_rule import update_thresholds
 
 
-
 def get_ts_peft_model(model: nn.Module, peft_config: LoraConfig | BottleneckConfig,
                       ts_config: TokenSelectiveConfig | None = None) -> "TSPeftModel":
     """Adapt `model` with peft (LoRA, DoRA) or a bottleneck adapter and gate every adapted module."""
