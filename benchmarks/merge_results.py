@@ -18,11 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from importance_selection import KEYS as IMPORTANCE_KEYS  # noqa: E402
-from quality import KEYS, load_records, save_records  # noqa: E402
+from quality import KEYS, LR_TUNING_KEYS, load_records, save_records  # noqa: E402
 
 
 def record_key(record: dict) -> tuple:
-    keys = IMPORTANCE_KEYS if "criterion" in record else KEYS
+    keys = IMPORTANCE_KEYS if "criterion" in record else LR_TUNING_KEYS if "lr" in record else KEYS
     return tuple(record.get(k) for k in keys)
 
 

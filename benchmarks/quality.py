@@ -7,6 +7,7 @@ interrupted suite resumes where it stopped. Tables and plots: `python benchmarks
     python benchmarks/quality.py --suite encoder            # MiniLM-L6: rotten_tomatoes, sst2, boolq
     python benchmarks/quality.py --suite decoder            # SmolLM2-135M: piqa, obqa, boolq_mc
     python benchmarks/quality.py --suite encoder --sweep    # kept 0.9/0.7/0.5/0.3 on rotten_tomatoes
+    python benchmarks/quality.py --suite decoder --lr-tune 1e-4,5e-4,2e-3   # dense LoRA, seed 0, sweep task
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ SUITES = {
 }
 SWEEP_KEPT = ["0.9", "0.7", "0.5", "0.3"]
 KEYS = ("task", "model", "method", "seed", "target_kept")
+LR_TUNING_KEYS = ("suite", "task", "method", "seed", "lr")
 MACHINE = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
@@ -86,10 +88,30 @@ def run_one(suite: dict, task: str, method: str, seed: int, out: Path, extra: li
     return json.loads((out / "metrics.json").read_text())
 
 
+def tune_lr(suite: dict, suite_name: str, lrs: list[float], seed: int, runs_dir: str, results: Path,
+            records: list[dict]) -> None:
+    """Dense LoRA on the sweep task at each learning rate (resumable, like the suite)."""
+    task = suite["sweep_task"]
+    done = {tuple(r.get(k) for k in LR_TUNING_KEYS) for r in records}
+    for lr in lrs:
+        if (suite_name, task, "lora", seed, lr) in done:
+            continue
+        out = Path(runs_dir) / suite_name / "lr_tuning" / f"lora-lr{lr:g}-s{seed}"
+        metrics = run_one(suite, task, "lora", seed, out, ["--lr", f"{lr:g}"])
+        records.append({"suite": suite_name, "task": task, "model": suite["model"], "method": "lora", "seed": seed,
+                        "lr": lr, "accuracy": metrics["accuracy"], "train_seconds": metrics["train_seconds"],
+                        "final_train_loss": metrics["final_train_loss"], "sizes": " ".join(suite["flags"]),
+                        "machine": MACHINE + f", device {metrics.get('device')}", "commit": code_commit()})
+        save_records(results, records)
+        print(f"[quality] lr tuning {task} lora lr {lr:g}: accuracy {metrics['accuracy']:.4f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), required=True)
     parser.add_argument("--sweep", action="store_true", help="target-kept sweep of ts-lora on the suite's sweep task")
+    parser.add_argument("--lr-tune", metavar="LRS", help="comma-separated learning rates: dense LoRA on the suite's sweep "
+                        "task, first seed only (the one tuning of the dense baseline); writes lr_tuning.json")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
     parser.add_argument("--methods", help="comma-separated subset of the suite's methods")
@@ -100,8 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = Path(args.results or ROOT / "results" / ("sweep.json" if args.sweep else "quality.json"))
+    default_name = "lr_tuning.json" if args.lr_tune else "sweep.json" if args.sweep else "quality.json"
+    results = Path(args.results or ROOT / "results" / default_name)
     records = load_records(results)
+    if args.lr_tune:
+        tune_lr(suite, args.suite, [float(lr) for lr in args.lr_tune.split(",")], seeds[0], args.runs_dir, results, records)
+        return
     done = {tuple(r.get(k) for k in KEYS) for r in records}
     if args.refresh_token_stats:
         refreshed = refresh_token_stats(records, args.runs_dir, args.suite)
