@@ -139,14 +139,26 @@ def test_merge_results_adds_new_runs_and_refuses_conflicts(tmp_path):
     run = {"task": "piqa", "model": "smollm2", "method": "lora", "seed": 0, "target_kept": None, "accuracy": 0.6}
     other = {**run, "seed": 1, "accuracy": 0.7}
     ranked = {"suite": "decoder", "criterion": "random", "k": 3, "seed": 0, "accuracy": 0.5}
+    tuned = [{**run, "suite": "decoder", "lr": lr} for lr in (1e-4, 1e-3)]  # one run each: lr tells them apart
     into, a, b = tmp_path / "into.json", tmp_path / "a.json", tmp_path / "b.json"
     into.write_text(json.dumps([run]))
     a.write_text(json.dumps([run, other]))
-    b.write_text(json.dumps([ranked]))
+    b.write_text(json.dumps([ranked, *tuned]))
     merger.main([str(a), str(b), "--into", str(into)])
-    assert json.loads(into.read_text()) == [run, other, ranked]
+    assert json.loads(into.read_text()) == [run, other, ranked, *tuned]
     a.write_text(json.dumps([{**run, "accuracy": 0.9}]))
     with pytest.raises(SystemExit, match="two different records for the same run"):
         merger.main([str(a), "--into", str(into)])
     with pytest.raises(SystemExit, match="no such result file"):
         merger.main([str(tmp_path / "nope.json"), "--into", str(into)])
+
+
+def test_task_flags_join_the_suite_sizes_and_lr_tuning_is_reported():
+    quality, tables = _load("quality"), _load("make_tables")
+    decoder = quality.SUITES["decoder"]
+    assert quality.sizes_of(decoder, "boolq_mc") == [*decoder["flags"], "--bf16"]
+    assert quality.sizes_of(decoder, "piqa") == decoder["flags"]
+    runs = [{"suite": "decoder", "task": "piqa", "method": "lora", "seed": 0, "lr": lr, "accuracy": acc, "sizes": "-"}
+            for lr, acc in ((1e-3, 0.61), (1e-4, 0.64), (5e-4, 0.62))]
+    (line,) = [x for x in tables.lr_tuning_lines(runs) if x]
+    assert "0.0001 → 0.640, 0.0005 → 0.620, 0.001 → 0.610; best 0.0001." in line

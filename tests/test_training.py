@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -122,6 +123,27 @@ def test_multiple_choice_llama_run(tmp_path, llama_dir):
     example = json.loads((out / "token_masks.json").read_text())["examples"][0]
     assert example["masks"] and all(len(v) == len(example["tokens"]) for v in example["masks"].values())
     assert evaluate(EvalConfig(adapter=str(out), device="cpu"))["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_bf16_run_trains_fp32_weights_and_reevaluates_alike(tmp_path, llama_dir):
+    """--bf16 autocasts training and evaluation; adapter weights stay fp32; `eval` reuses the run's precision."""
+    data = write_multiple_choice(tmp_path / "mc.jsonl")
+    out = tmp_path / "bf16"
+    metrics = train(TrainConfig(out=str(out), data=str(data), model=str(llama_dir), method="ts-lora", max_steps=3,
+                                warmup_steps=1, batch_size=4, device="cpu", bf16=True))
+    assert metrics["bf16"] is True and 0 < metrics["kept_fraction"] <= 1
+    fp32 = train(TrainConfig(out=str(tmp_path / "fp32"), data=str(data), model=str(llama_dir), method="ts-lora",
+                             max_steps=3, warmup_steps=1, batch_size=4, device="cpu"))
+    assert math.isfinite(metrics["final_train_loss"])
+    assert metrics["final_train_loss"] != fp32["final_train_loss"]  # autocast really ran in bfloat16
+    from safetensors.torch import load_file
+
+    weights = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items() if "lora_" in k}
+    assert weights and all(t.dtype == torch.float32 for t in weights.values())
+    again = evaluate(EvalConfig(adapter=str(out), device="cpu"))
+    assert again["bf16"] is True and again["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert again["kept_fraction"] == pytest.approx(metrics["kept_fraction"])
+    assert evaluate(EvalConfig(adapter=str(out), device="cpu", bf16=False))["bf16"] is False
 
 
 def test_zero_shot_none_llama(tmp_path, llama_dir):

@@ -76,6 +76,7 @@ class RunInputs:
     n_train: int | None = None
     n_eval: int | None = None
     device: str = "auto"
+    bf16: bool | None = None  # bfloat16 autocast; None: off for training, the run's own precision for `eval`
 
     @classmethod
     def from_namespace(cls, args):
@@ -114,6 +115,13 @@ def resolve_device(device: str | None) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     return torch.device(device)
+
+
+def precision(device: torch.device, bf16: bool) -> torch.autocast:
+    """bfloat16 autocast on `device` when `bf16` (a no-op context otherwise); refuses a GPU without bfloat16."""
+    if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--bf16: the GPU {torch.cuda.get_device_name(device)} does not support bfloat16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16))
 
 
 # ----- data ------------------------------------------------------------------------------------------------------
@@ -412,6 +420,7 @@ def train(args) -> dict[str, Any]:
     checkpoints = out / "checkpoints"
     resume = resolve_checkpoint(cfg.resume_from_checkpoint, checkpoints) if cfg.resume_from_checkpoint else None
     device = resolve_device(cfg.device)
+    precision(device, cfg.bf16)  # refuses --bf16 on a GPU without bfloat16 before anything is loaded
     set_seed(cfg.seed)
     task_data = load_data(cfg)
     kind = task_data.kind
@@ -435,6 +444,7 @@ def train(args) -> dict[str, Any]:
         logging_first_step=True, remove_unused_columns=False, report_to=[],
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
         disable_tqdm=False, use_cpu=device.type == "cpu", label_names=["labels"], dataloader_num_workers=0,
+        bf16=bool(cfg.bf16),
         # DDP would otherwise copy rank 0's buffers into every rank before each forward, overwriting the other
         # ranks' token counts and r histograms before they are all-reduced. τ and the τ-rule state need no
         # broadcast: every rank computes them from the same all-reduced statistics.
@@ -482,12 +492,15 @@ def train(args) -> dict[str, Any]:
             checkpoints.rmdir()
 
     eval_batch = batch_size * DEFAULTS.eval_batch_factor
-    evaluation = evaluate_model(model, tokenizer, task_data, max_length, eval_batch, device)  # every rank: it reduces
+    with precision(device, cfg.bf16):
+        evaluation = evaluate_model(model, tokenizer, task_data, max_length, eval_batch, device)  # every rank: it reduces
+        if is_main:
+            masks = record_token_masks(model, tokenizer, task_data, max_length, device)
+            if masks is not None:
+                _write_json(out / "token_masks.json", masks)
+                _write_json(out / "token_stats.json",
+                            token_stats_on_eval(model, tokenizer, task_data, max_length, eval_batch, device))
     if is_main:
-        masks = record_token_masks(model, tokenizer, task_data, max_length, device)
-        if masks is not None:
-            _write_json(out / "token_masks.json", masks)
-            _write_json(out / "token_stats.json", token_stats_on_eval(model, tokenizer, task_data, max_length, eval_batch, device))
         save_adapter(model, cfg.method, out)
 
     metrics = {
@@ -509,7 +522,7 @@ def train(args) -> dict[str, Any]:
         "epochs": epochs, "max_steps": cfg.max_steps, "batch_size": batch_size, "max_length": max_length,
         "world_size": training_args.world_size, "global_batch_size": batch_size * training_args.world_size,
         "resumed_from": resume,
-        "device": device.type, "linear_probe": cfg.method == "none" and kind == D.CLASSIFICATION,
+        "device": device.type, "bf16": bool(cfg.bf16), "linear_probe": cfg.method == "none" and kind == D.CLASSIFICATION,
         "zero_shot": zero_shot,
         "data": {"task": cfg.task, "data": cfg.data, "eval_data": cfg.eval_data, "columns": _columns(cfg)},
         "target_modules": targets, "modules_from": cfg.modules_from, "top_k": cfg.top_k,
@@ -595,10 +608,12 @@ def evaluate(args) -> dict[str, Any]:
     model = load_adapter(base, folder, method)
     max_length = cfg.max_length or run.get("max_length") or DEFAULTS.max_length[kind]
     batch_size = cfg.batch_size or (run.get("batch_size") or DEFAULTS.batch_size[kind]) * DEFAULTS.eval_batch_factor
-    evaluation = evaluate_model(model, tokenizer, task_data, max_length, batch_size, device)
+    bf16 = run.get("bf16", False) if cfg.bf16 is None else cfg.bf16
+    with precision(device, bf16):
+        evaluation = evaluate_model(model, tokenizer, task_data, max_length, batch_size, device)
     ts = unwrap_ts_model(model) is not None
     return _clean({"task": task_data.name, "model": model_name, "method": method, "adapter": str(folder),
                    "accuracy": evaluation["accuracy"],
                    "kept_fraction": evaluation.get("kept_fraction") if ts else (None if method == "none" else 1.0),
                    "per_module": evaluation.get("per_module"), "n_eval": len(task_data.eval),
-                   "eval_seconds": evaluation["eval_seconds"]})
+                   "eval_seconds": evaluation["eval_seconds"], "bf16": bool(bf16)})
