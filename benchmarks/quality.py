@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from provenance import code_commit  # noqa: E402
 from tspeft.cli.main import main as tspeft_main  # noqa: E402
 from tspeft.core.io import atomic_write  # noqa: E402
+from tspeft.training.defaults import default_lr  # noqa: E402
 
 SUITES = {
     # sizes: 63 optimizer steps per encoder run (about 1 min on 2 quiet CPU cores: ~1 h for the whole encoder suite);
@@ -39,7 +40,7 @@ SUITES = {
     "decoder": {"model": "smollm2", "tasks": ["piqa", "obqa", "boolq_mc"],
                 "methods": ["none", "lora", "ts-lora", "dora", "ts-dora", "adapter", "ts-adapter"],
                 "flags": ["--n-train", "200", "--n-eval", "200", "--max-steps", "50"], "sweep_task": "piqa",
-                "lr_choice": "the default lr 5e-4 for every method, not tuned (no CPU time for a tuning sweep yet)",
+                "lr_choice": "the default lr 5e-4 for every method, kept after the tuning below",
                 # BoolQ passages fill the 192 tokens: 16.5 s per fp32 step on one core, 5.7 h for the task;
                 # bf16 autocast halves that on this CPU (AVX512-BF16), for every method of the task alike
                 "task_flags": {"boolq_mc": ["--bf16"]}},
@@ -96,19 +97,33 @@ def run_one(suite: dict, task: str, method: str, seed: int, out: Path, extra: li
     return json.loads((out / "metrics.json").read_text())
 
 
+def suite_lr(suite: dict) -> float:
+    """The learning rate the suite trains dense LoRA with: its --lr flag, else tspeft's default."""
+    flags = suite["flags"]
+    return float(flags[flags.index("--lr") + 1]) if "--lr" in flags else default_lr("lora")
+
+
 def tune_lr(suite: dict, suite_name: str, lrs: list[float], seed: int, runs_dir: str, results: Path,
-            records: list[dict]) -> None:
-    """Dense LoRA on the sweep task at each learning rate (resumable, like the suite)."""
+            records: list[dict], extra: list[str]) -> None:
+    """Dense LoRA on the sweep task at each learning rate (resumable, like the suite).
+
+    A record of an earlier version without n_eval gets it from its finished run's metrics.json.
+    """
     task = suite["sweep_task"]
-    done = {tuple(r.get(k) for k in LR_TUNING_KEYS) for r in records}
+    done = {tuple(r.get(k) for k in LR_TUNING_KEYS): r for r in records}
     for lr in lrs:
-        if (suite_name, task, "lora", seed, lr) in done:
-            continue
         out = Path(runs_dir) / suite_name / "lr_tuning" / f"lora-lr{lr:g}-s{seed}"
-        metrics = run_one(suite, task, "lora", seed, out, ["--lr", f"{lr:g}"])
+        record = done.get((suite_name, task, "lora", seed, lr))
+        if record is not None:
+            if "n_eval" not in record:
+                record["n_eval"] = json.loads((out / "metrics.json").read_text())["n_eval"]
+                save_records(results, records)
+            continue
+        metrics = run_one(suite, task, "lora", seed, out, ["--lr", f"{lr:g}", *extra])
         records.append({"suite": suite_name, "task": task, "model": suite["model"], "method": "lora", "seed": seed,
-                        "lr": lr, "accuracy": metrics["accuracy"], "train_seconds": metrics["train_seconds"],
-                        "final_train_loss": metrics["final_train_loss"], "sizes": " ".join(sizes_of(suite, task)),
+                        "lr": lr, "accuracy": metrics["accuracy"], "n_eval": metrics["n_eval"],
+                        "train_seconds": metrics["train_seconds"], "final_train_loss": metrics["final_train_loss"],
+                        "sizes": " ".join(sizes_of(suite, task)),
                         "machine": MACHINE + f", device {metrics.get('device')}", "commit": code_commit()})
         save_records(results, records)
         print(f"[quality] lr tuning {task} lora lr {lr:g}: accuracy {metrics['accuracy']:.4f}", flush=True)
@@ -124,17 +139,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
     parser.add_argument("--methods", help="comma-separated subset of the suite's methods")
     parser.add_argument("--runs-dir", default="runs/bench")
+    parser.add_argument("--device", default="auto", help="passed to every run: auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--results", default=None, help="output JSON (default benchmarks/results/quality.json or sweep.json)")
     parser.add_argument("--refresh-token-stats", action="store_true",
                         help="only re-read token_stats.json of finished runs under --runs-dir into their records")
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
+    device_flag = ["--device", args.device]
     seeds = [int(s) for s in args.seeds.split(",")]
     default_name = "lr_tuning.json" if args.lr_tune else "sweep.json" if args.sweep else "quality.json"
     results = Path(args.results or ROOT / "results" / default_name)
     records = load_records(results)
     if args.lr_tune:
-        tune_lr(suite, args.suite, [float(lr) for lr in args.lr_tune.split(",")], seeds[0], args.runs_dir, results, records)
+        tune_lr(suite, args.suite, [float(lr) for lr in args.lr_tune.split(",")], seeds[0], args.runs_dir, results, records,
+                device_flag)
         return
     done = {tuple(r.get(k) for k in KEYS) for r in records}
     if args.refresh_token_stats:
@@ -152,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in seeds:
             if method == "none" and seed != seeds[0]:
                 continue  # zero-shot does not depend on the seed
-            extra = ["--target-kept", kept] if kept else []
+            extra = (["--target-kept", kept] if kept else []) + device_flag
             key_target = float(kept) if kept else None
             if (task, suite["model"], method, seed, key_target) in done:
                 continue

@@ -158,7 +158,12 @@ def test_task_flags_join_the_suite_sizes_and_lr_tuning_is_reported():
     decoder = quality.SUITES["decoder"]
     assert quality.sizes_of(decoder, "boolq_mc") == [*decoder["flags"], "--bf16"]
     assert quality.sizes_of(decoder, "piqa") == decoder["flags"]
-    runs = [{"suite": "decoder", "task": "piqa", "method": "lora", "seed": 0, "lr": lr, "accuracy": acc, "sizes": "-"}
-            for lr, acc in ((1e-3, 0.61), (1e-4, 0.64), (5e-4, 0.62))]
-    (line,) = [x for x in tables.lr_tuning_lines(runs) if x]
-    assert "0.0001 → 0.640, 0.0005 → 0.620, 0.001 → 0.610; best 0.0001." in line
+    assert quality.suite_lr(decoder) == 5e-4 and quality.suite_lr(quality.SUITES["encoder"]) == 2e-3
+    runs = [{"suite": "decoder", "task": "piqa", "method": "lora", "seed": 0, "lr": lr, "accuracy": acc, "n_eval": 200,
+             "sizes": "-"} for lr, acc in ((1e-3, 0.61), (1e-4, 0.64), (5e-4, 0.62))]
+    (line,) = [x for x in tables.lr_tuning_lines(runs, {"decoder": 5e-4}) if x]
+    assert "0.0001 → 0.640, 0.0005 → 0.620, 0.001 → 0.610; best 0.0001" in line
+    assert "lr 0.0005 is within one standard error (0.034) of the best, so it is kept" in line
+    far = [{**r, "n_eval": 20000} for r in runs]  # standard error 0.003: 0.620 is now clearly below 0.640
+    (line,) = [x for x in tables.lr_tuning_lines(far, {"decoder": 5e-4}) if x]
+    assert "use 0.0001 and rerun the suite" in line

@@ -103,7 +103,7 @@ def _add_data_flags(p: argparse.ArgumentParser, *, eval_only: bool = False) -> N
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default 32 encoder / 8 decoder)")
     p.add_argument("--device", type=_device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--bf16", action="store_true", default=None,
-                   help="bfloat16 mixed precision (autocast; weights stay fp32): about 2x faster on CPUs with AVX512-BF16 "
+                   help="bfloat16 mixed precision (autocast; weights stay fp32): faster on CPUs with AVX512-BF16 "
                         "or AMX and on recent GPUs (eval default: the precision the run was trained in)")
 
 
