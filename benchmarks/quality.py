@@ -36,7 +36,7 @@ SUITES = {
     "encoder": {"model": "minilm", "tasks": ["rotten_tomatoes", "sst2", "boolq"],
                 "methods": ["lora", "ts-lora", "dora", "ts-dora", "adapter", "ts-adapter"],
                 "flags": ["--n-train", "2000", "--n-eval", "1000", "--epochs", "1", "--lr", "2e-3"], "sweep_task": "rotten_tomatoes",
-                "lr_choice": "lr 2e-3 for every method, chosen once for dense LoRA (the default 5e-4 is too slow for 63 steps)"},
+                "lr_choice": "lr 2e-3 for every method, the best of the tuning below (the default 5e-4 is too slow for 63 steps)"},
     "decoder": {"model": "smollm2", "tasks": ["piqa", "obqa", "boolq_mc"],
                 "methods": ["none", "lora", "ts-lora", "dora", "ts-dora", "adapter", "ts-adapter"],
                 "flags": ["--n-train", "200", "--n-eval", "200", "--max-steps", "50"], "sweep_task": "piqa",
