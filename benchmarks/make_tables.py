@@ -46,6 +46,14 @@ def grouped(records: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]
     return table
 
 
+def majority_of(methods: dict[str, list[dict]]) -> float | None:
+    """The eval set's majority-class accuracy (the same for every run of a task; None if no record has it)."""
+    values = {r["majority_accuracy"] for runs in methods.values() for r in runs if r.get("majority_accuracy") is not None}
+    if len(values) > 1:
+        raise SystemExit(f"runs of one task disagree on the eval set's majority class: {sorted(values)}")
+    return values.pop() if values else None
+
+
 def quality_section(records: list[dict]) -> list[str]:
     if not records:
         return ["No quality results yet: run `python benchmarks/quality.py --suite encoder` (and `decoder`).", ""]
@@ -58,6 +66,9 @@ def quality_section(records: list[dict]) -> list[str]:
             name = "none (zero-shot)" if method == "none" else method
             lines.append(f"| {model} | {task} | {name} | {len(runs)} | {fmt([r['accuracy'] for r in runs])} | "
                          f"{fmt(kept, 2)} | {fmt([r['train_seconds'] for r in runs], 0)} |")
+        majority = majority_of(methods)
+        if majority is not None:
+            lines.append(f"| {model} | {task} | majority class (always the most common answer) | – | {majority:.3f} | – | – |")
     lines += ["", "### Does discarding 30–70 % of token updates keep accuracy?", "",
               "Per task and pair: Δ = mean accuracy of the token-selective run minus its dense twin; the claim is "
               "counted as holding when 0.3 ≤ discarded share ≤ 0.7 and Δ ≥ −(std of the dense runs) "
@@ -84,6 +95,14 @@ def quality_section(records: list[dict]) -> list[str]:
             lines.append(f"- {model} / {task}: all {len(trained)} trained runs score exactly {trained[0]:.3f}, i.e. "
                          "they predict a single class; this task gives no evidence for or against the claim at "
                          "these sizes.")
+        majority, n_eval = majority_of(methods), max(r.get("n_eval") or 0 for runs in methods.values() for r in runs)
+        if majority is not None and n_eval and len(set(trained)) > 1:
+            best = max(statistics.fmean(r["accuracy"] for r in runs) for m, runs in methods.items() if m != "none")
+            se = math.sqrt(majority * (1 - majority) / n_eval)
+            if best < majority + se:
+                lines.append(f"- {model} / {task}: the best fine-tuned mean ({best:.3f}) is within one standard error "
+                             f"({se:.3f}) of always answering the most common class ({majority:.3f}) or below it: the "
+                             "runs learned little beyond the class balance, so the comparison says little about the claim.")
         if "none" in methods:
             zero_shot = statistics.fmean(r["accuracy"] for r in methods["none"])
             best = max(statistics.fmean(r["accuracy"] for r in runs) for m, runs in methods.items() if m != "none")

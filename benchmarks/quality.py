@@ -85,6 +85,23 @@ def refresh_token_stats(records: list[dict], runs_dir: str, suite_name: str) -> 
     return refreshed
 
 
+def refresh_majority(records: list[dict], suite_name: str) -> int:
+    """Add the eval set's majority-class accuracy to the suite's records that lack it (the eval set depends only
+    on the task and n_eval)."""
+    from tspeft.tasks.data import get_task, load_task
+    from tspeft.training.data import majority_accuracy
+
+    refreshed, cache = 0, {}
+    for record in records:
+        if record.get("suite") != suite_name or record.get("majority_accuracy") is not None:
+            continue
+        key = (record["task"], record["n_eval"])
+        if key not in cache:
+            cache[key] = majority_accuracy(get_task(key[0]).kind, load_task(key[0], n_train=1, n_eval=key[1])[1])
+        record["majority_accuracy"], refreshed = cache[key], refreshed + 1
+    return refreshed
+
+
 def sizes_of(suite: dict, task: str) -> list[str]:
     """The suite's size flags plus the task's own (e.g. --bf16 for a long-input task)."""
     return [*suite["flags"], *suite.get("task_flags", {}).get(task, [])]
@@ -143,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default=None, help="output JSON (default benchmarks/results/quality.json or sweep.json)")
     parser.add_argument("--refresh-token-stats", action="store_true",
                         help="only re-read token_stats.json of finished runs under --runs-dir into their records")
+    parser.add_argument("--refresh-majority", action="store_true",
+                        help="only add the eval set's majority-class accuracy to records that lack it")
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
     device_flag = ["--device", args.device]
@@ -160,6 +179,11 @@ def main(argv: list[str] | None = None) -> None:
         save_records(results, records)
         print(f"[quality] token statistics refreshed for {refreshed} records of {results}")
         return
+    if args.refresh_majority:
+        refreshed = refresh_majority(records, args.suite)
+        save_records(results, records)
+        print(f"[quality] majority-class accuracy added to {refreshed} records of {results}")
+        return
     if args.sweep:
         plan = [(suite["sweep_task"], "ts-lora", kept) for kept in SWEEP_KEPT] + [(suite["sweep_task"], "lora", None)]
     else:
@@ -176,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             out = run_dir(args.runs_dir, args.suite, task, method, seed, kept)
             metrics = run_one(suite, task, method, seed, out, extra)
-            record = {k: metrics.get(k) for k in ("task", "method", "seed", "accuracy", "kept_fraction", "train_seconds",
+            record = {k: metrics.get(k) for k in ("task", "method", "seed", "accuracy", "majority_accuracy",
+                                                  "kept_fraction", "train_seconds",
                                                   "eval_seconds", "trainable_params", "per_module", "n_train", "n_eval")}
             record.update(model=suite["model"], suite=args.suite, target_kept=key_target,
                           target_kept_used=metrics.get("target_kept"),

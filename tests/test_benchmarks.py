@@ -78,6 +78,9 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
                  "kept_fraction": kept} for seed in range(2) for method, kept in [("lora", 1.0), ("ts-lora", 0.7)]]
     quality += [{"task": "stuck", "model": "m", "method": "none", "seed": 0, "accuracy": 0.65, "train_seconds": 0.0,
                  "kept_fraction": None}]
+    quality += [{"task": "balance", "model": "m", "method": method, "seed": seed, "accuracy": 0.60 + 0.01 * seed,
+                 "train_seconds": 1.0, "kept_fraction": kept, "majority_accuracy": 0.58, "n_eval": 200}
+                for seed in range(2) for method, kept in [("lora", 1.0), ("ts-lora", 0.7)]]
     importance = [{"model": "m", "task": "t", "k": 2, "n_modules": 8, "criterion": c, "seed": seed, "accuracy": acc}
                   for seed in range(3) for c, acc in [("kept_fraction", 0.9), ("relative_magnitude", 0.8),
                                                       ("delta_weight_norm", 0.7), ("factor_norm", 0.6), ("random", 0.5)]]
@@ -93,6 +96,9 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
     assert "- Least kept tokens: `a` 0.10, `the` 0.20, `␣sun` 0.30" in text
     assert "m / stuck: all 4 trained runs score exactly 0.600" in text and "m / t: all" not in text
     assert "m / stuck: every fine-tuned method scores below the zero-shot model (0.600 at best vs 0.650)" in text
+    assert "| m | balance | majority class (always the most common answer) | – | 0.580 | – | – |" in text
+    assert "m / balance: the best fine-tuned mean (0.605) is within one standard error (0.035)" in text
+    assert "m / t: the best" not in text  # no majority_accuracy recorded: no row, no flag
 
 
 def test_token_tables_group_the_layers_of_deep_models():
@@ -167,3 +173,21 @@ def test_task_flags_join_the_suite_sizes_and_lr_tuning_is_reported():
     far = [{**r, "n_eval": 20000} for r in runs]  # standard error 0.003: 0.620 is now clearly below 0.640
     (line,) = [x for x in tables.lr_tuning_lines(far, {"decoder": 5e-4}) if x]
     assert "use 0.0001 and rerun the suite" in line
+
+
+def test_majority_class_accuracy_of_eval_sets(monkeypatch):
+    from tspeft.training.data import majority_accuracy
+
+    assert majority_accuracy("classification", [{"label": 1}, {"label": 0}, {"label": 1}, {"label": 1}]) == 0.75
+    assert majority_accuracy("multiple_choice", [{"answer": 2}, {"answer": 0}]) == 0.5
+    assert majority_accuracy("classification", []) is None
+    import tspeft.tasks.data as tasks_data
+
+    loaded = []
+    monkeypatch.setattr(tasks_data, "load_task", lambda name, n_train, n_eval: loaded.append((name, n_eval)) or
+                        ([], [{"answer": 1}] * 3 + [{"answer": 0}]))
+    records = [{"suite": "decoder", "task": "piqa", "n_eval": 4, "seed": seed} for seed in range(3)]
+    records += [{"suite": "encoder", "task": "sst2", "n_eval": 4}, {**records[0], "majority_accuracy": 0.5}]
+    assert _load("quality").refresh_majority(records, "decoder") == 3
+    assert [r.get("majority_accuracy") for r in records] == [0.75, 0.75, 0.75, None, 0.5]
+    assert loaded == [("piqa", 4)]  # one eval set per task and size, whatever the seed

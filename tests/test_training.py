@@ -54,6 +54,7 @@ def test_ts_lora_classification_run(tmp_path, bert_dir):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["method"] == "ts-lora" and saved["seed"] == 0 and saved["target_kept"] == 0.5
     assert 0 <= saved["accuracy"] <= 1 and 0 < saved["kept_fraction"] < 1
+    assert 0.5 <= saved["majority_accuracy"] <= 1  # two classes: the most common holds at least half
     assert saved["n_eval"] > 0 and saved["train_steps"] == 8 and saved["label_names"] == ["neg", "pos"]
     assert set(saved["per_module"]) == set(saved["tau_per_module"])
     # the log: one line per step, τ = 0 during warm-up, then it moves and the kept fraction drops

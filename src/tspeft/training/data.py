@@ -10,6 +10,7 @@ from `tspeft.tasks.classification` and `tspeft.tasks.multiple_choice`:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,15 @@ def accuracy(kind: str, model, tokenizer, examples: list[dict], batch_size: int,
     if kind == CLASSIFICATION:
         return C.evaluate_classification(model, tokenizer, examples, batch_size, max_length, device)["accuracy"]
     return MC.evaluate_multiple_choice(model, tokenizer, examples, batch_size, max_length, device)["accuracy"]
+
+
+def majority_accuracy(kind: str, examples: list[dict]) -> float | None:
+    """Accuracy of always giving the eval set's most common label (or answer position): the floor a trained
+    model must beat to have learned more than the class balance."""
+    if not examples:
+        return None
+    counts = Counter(ex["label"] if kind == CLASSIFICATION else ex["answer"] for ex in examples)
+    return max(counts.values()) / len(examples)
 
 
 def example_ids(kind: str, tokenizer, example: dict, max_length: int) -> list[int]:

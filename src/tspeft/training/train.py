@@ -505,7 +505,7 @@ def train(args) -> dict[str, Any]:
 
     metrics = {
         "task": task_data.name, "task_kind": kind, "model": model_name, "method": cfg.method, "seed": cfg.seed,
-        "accuracy": evaluation["accuracy"],
+        "accuracy": evaluation["accuracy"], "majority_accuracy": D.majority_accuracy(kind, task_data.eval),
         "kept_fraction": evaluation.get("kept_fraction") if ts_model is not None else (None if cfg.method == "none" else 1.0),
         "per_module": evaluation.get("per_module"),
         "target_kept": target_kept, "tau_rule": None if ts_model is None else ("target" if target_kept is not None else "loss-driven"),
