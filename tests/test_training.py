@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from tspeft import TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
@@ -137,8 +138,6 @@ def test_bf16_run_trains_fp32_weights_and_reevaluates_alike(tmp_path, llama_dir)
                              max_steps=3, warmup_steps=1, batch_size=4, device="cpu"))
     assert math.isfinite(metrics["final_train_loss"])
     assert metrics["final_train_loss"] != fp32["final_train_loss"]  # autocast really ran in bfloat16
-    from safetensors.torch import load_file
-
     weights = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items() if "lora_" in k}
     assert weights and all(t.dtype == torch.float32 for t in weights.values())
     again = evaluate(EvalConfig(adapter=str(out), device="cpu"))
