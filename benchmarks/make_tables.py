@@ -58,6 +58,7 @@ def quality_section(records: list[dict]) -> list[str]:
     if not records:
         return ["No quality results yet: run `python benchmarks/quality.py --suite encoder` (and `decoder`).", ""]
     table = sorted(grouped(records).items())
+    majorities = {key: majority_of(methods) for key, methods in table}
     lines = ["| model | task | method | seeds | accuracy (mean ± std) | kept fraction | train s |",
              "|---|---|---|---|---|---|---|"]
     for (model, task), methods in table:
@@ -66,7 +67,7 @@ def quality_section(records: list[dict]) -> list[str]:
             name = "none (zero-shot)" if method == "none" else method
             lines.append(f"| {model} | {task} | {name} | {len(runs)} | {fmt([r['accuracy'] for r in runs])} | "
                          f"{fmt(kept, 2)} | {fmt([r['train_seconds'] for r in runs], 0)} |")
-        majority = majority_of(methods)
+        majority = majorities[(model, task)]
         if majority is not None:
             lines.append(f"| {model} | {task} | majority class (always the most common answer) | – | {majority:.3f} | – | – |")
     lines += ["", "### Does discarding 30–70 % of token updates keep accuracy?", "",
@@ -95,17 +96,17 @@ def quality_section(records: list[dict]) -> list[str]:
             lines.append(f"- {model} / {task}: all {len(trained)} trained runs score exactly {trained[0]:.3f}, i.e. "
                          "they predict a single class; this task gives no evidence for or against the claim at "
                          "these sizes.")
-        majority, n_eval = majority_of(methods), max(r.get("n_eval") or 0 for runs in methods.values() for r in runs)
+        tuned_means = [statistics.fmean(r["accuracy"] for r in runs) for m, runs in methods.items() if m != "none"]
+        best = max(tuned_means) if tuned_means else None  # best fine-tuned method mean, for both flags below
+        majority, n_eval = majorities[(model, task)], max(r.get("n_eval") or 0 for runs in methods.values() for r in runs)
         if majority is not None and n_eval and len(set(trained)) > 1:
-            best = max(statistics.fmean(r["accuracy"] for r in runs) for m, runs in methods.items() if m != "none")
             se = math.sqrt(majority * (1 - majority) / n_eval)
             if best < majority + se:
                 lines.append(f"- {model} / {task}: the best fine-tuned mean ({best:.3f}) is within one standard error "
                              f"({se:.3f}) of always answering the most common class ({majority:.3f}) or below it: the "
                              "runs learned little beyond the class balance, so the comparison says little about the claim.")
-        if "none" in methods:
+        if "none" in methods and best is not None:
             zero_shot = statistics.fmean(r["accuracy"] for r in methods["none"])
-            best = max(statistics.fmean(r["accuracy"] for r in runs) for m, runs in methods.items() if m != "none")
             if best < zero_shot:
                 lines.append(f"- {model} / {task}: every fine-tuned method scores below the zero-shot model "
                              f"({best:.3f} at best vs {zero_shot:.3f}): at these sizes fine-tuning hurts, so the "

@@ -122,20 +122,13 @@ def suite_lr(suite: dict) -> float:
 
 def tune_lr(suite: dict, suite_name: str, lrs: list[float], seed: int, runs_dir: str, results: Path,
             records: list[dict], extra: list[str]) -> None:
-    """Dense LoRA on the sweep task at each learning rate (resumable, like the suite).
-
-    A record of an earlier version without n_eval gets it from its finished run's metrics.json.
-    """
+    """Dense LoRA on the sweep task at each learning rate (resumable, like the suite)."""
     task = suite["sweep_task"]
-    done = {tuple(r.get(k) for k in LR_TUNING_KEYS): r for r in records}
+    done = {tuple(r.get(k) for k in LR_TUNING_KEYS) for r in records}
     for lr in lrs:
-        out = Path(runs_dir) / suite_name / "lr_tuning" / f"lora-lr{lr:g}-s{seed}"
-        record = done.get((suite_name, task, "lora", seed, lr))
-        if record is not None:
-            if "n_eval" not in record:
-                record["n_eval"] = json.loads((out / "metrics.json").read_text())["n_eval"]
-                save_records(results, records)
+        if (suite_name, task, "lora", seed, lr) in done:
             continue
+        out = Path(runs_dir) / suite_name / "lr_tuning" / f"lora-lr{lr:g}-s{seed}"
         metrics = run_one(suite, task, "lora", seed, out, ["--lr", f"{lr:g}", *extra])
         records.append({"suite": suite_name, "task": task, "model": suite["model"], "method": "lora", "seed": seed,
                         "lr": lr, "accuracy": metrics["accuracy"], "n_eval": metrics["n_eval"],
