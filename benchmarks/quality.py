@@ -89,7 +89,7 @@ def refresh_majority(records: list[dict], suite_name: str) -> int:
     """Add the eval set's majority-class accuracy to the suite's records that lack it (the eval set depends only
     on the task and n_eval)."""
     from tspeft.tasks.data import get_task, load_task
-    from tspeft.training.data import majority_accuracy
+    from tspeft.tasks.kinds import get_kind
 
     refreshed, cache = 0, {}
     for record in records:
@@ -97,7 +97,8 @@ def refresh_majority(records: list[dict], suite_name: str) -> int:
             continue
         key = (record["task"], record["n_eval"])
         if key not in cache:
-            cache[key] = majority_accuracy(get_task(key[0]).kind, load_task(key[0], n_train=1, n_eval=key[1])[1])
+            cache[key] = get_kind(get_task(key[0]).kind).majority_accuracy(
+                load_task(key[0], n_train=1, n_eval=key[1])[1])
         record["majority_accuracy"], refreshed = cache[key], refreshed + 1
     return refreshed
 

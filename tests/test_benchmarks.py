@@ -176,7 +176,10 @@ def test_task_flags_join_the_suite_sizes_and_lr_tuning_is_reported():
 
 
 def test_majority_class_accuracy_of_eval_sets(monkeypatch):
-    from tspeft.training.data import majority_accuracy
+    from tspeft.tasks.kinds import get_kind
+
+    def majority_accuracy(kind, examples):
+        return get_kind(kind).majority_accuracy(examples)
 
     assert majority_accuracy("classification", [{"label": 1}, {"label": 0}, {"label": 1}, {"label": 1}]) == 0.75
     assert majority_accuracy("multiple_choice", [{"answer": 2}, {"answer": 0}]) == 0.5

@@ -12,11 +12,10 @@ from torch.nn import functional as F
 from tspeft.tasks import resources
 from tspeft.tasks.classification import (ClassificationDataset, classification_collator, evaluate_classification,
                                          predict_classification, tokenize_classification)
-from tspeft.tasks.data import (TASKS, load_file, load_task, load_user_data, parse_answer, parse_options,
-                               split_examples)
+from tspeft.tasks.data import TASKS, load_file, load_task, load_user_data, split_examples
 from tspeft.tasks.multiple_choice import (IGNORE_INDEX, MultipleChoiceCollator, MultipleChoiceDataset, answer_text,
                                           evaluate_multiple_choice, format_prompt, option_log_likelihoods,
-                                          score_choices, training_features)
+                                          parse_answer, parse_options, score_choices, training_features)
 
 CLASSIFICATION = [
     {"text": "a fine film", "text_pair": None, "label": 1},

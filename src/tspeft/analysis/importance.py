@@ -89,8 +89,8 @@ def top_k_modules(importance_file: str | os.PathLike, criterion: str, k: int) ->
 
 def importance_for_run(run_dir: Path, n_batches: int = 20, seed: int = 0, out: Path | None = None) -> dict:
     """Rank the modules of a `tspeft train` run folder of a ts-* method; writes JSON and a plot."""
-    from ..training import data as D
-    from ..training.train import TrainConfig, load_adapter, load_base, load_data
+    from ..training.data import load_data
+    from ..training.train import TrainConfig, load_adapter, load_base
     from . import plots
 
     run_dir = Path(run_dir)
@@ -107,7 +107,8 @@ def importance_for_run(run_dir: Path, n_batches: int = 20, seed: int = 0, out: P
     task_data = load_data(cfg, label_names=run.get("label_names"), kind=run.get("task_kind"))
     base, tokenizer = load_base(run["model"], task_data.kind, run.get("num_labels") or task_data.num_labels)
     model = load_adapter(base, run_dir, run["method"])
-    features, collate = D.train_features(task_data.kind, tokenizer, task_data.train, run.get("max_length") or 64)
+    features = task_data.kind.features(tokenizer, task_data.train, run.get("max_length") or 64)
+    collate = task_data.kind.collator(tokenizer)
     size = run.get("batch_size") or 32
     batches = [collate(features[i:i + size]) for i in range(0, min(len(features), n_batches * size), size)]
     scores = module_importance(model, batches, seed=seed)

