@@ -8,7 +8,8 @@ from peft import LoraConfig
 from torch import nn
 
 from tspeft import BottleneckConfig, TokenSelectiveConfig, get_ts_peft_model
-from tspeft.analysis.importance import module_importance, rank_modules, top_k_modules
+from tspeft.analysis.importance import module_importance
+from tspeft.training.targets import rank_modules, top_k_modules
 
 
 class Tiny(nn.Module):

@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
 from tspeft import TokenSelectiveConfig, get_ts_peft_model
-from tspeft.analysis.token_stats import token_kind, token_statistics
+from tspeft.training.token_stats import token_kind, token_statistics
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "film", "great", ",", ".", "dull", "a", "plot"]
 

@@ -14,7 +14,10 @@ from transformers import Trainer, TrainingArguments
 from tspeft import TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
 from tspeft.training.callback import ThresholdCallback, unwrap_ts_model
 from tspeft.training.data import ListDataset
-from tspeft.training.train import EvalConfig, TrainConfig, build_model, evaluate, train
+from tspeft.training.build import build_model
+from tspeft.training.evaluate import evaluate
+from tspeft.training.run_config import EvalConfig, TrainConfig
+from tspeft.training.train import train
 
 METRIC_KEYS = {"task", "model", "method", "seed", "accuracy", "kept_fraction", "per_module", "train_seconds",
                "trainable_params", "target_kept", "tau_per_module", "n_train", "n_eval"}
@@ -186,7 +189,7 @@ def test_build_model_kinds(tiny_bert):
 def test_trainer_save_model_writes_the_adapter(tmp_path, tiny_bert):
     from peft import LoraConfig
 
-    from tspeft.training.train import TSTrainer
+    from tspeft.training.fit import TSTrainer
 
     model = get_ts_peft_model(tiny_bert, LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"),
                               TokenSelectiveConfig(target_kept=0.5))

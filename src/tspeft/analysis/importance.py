@@ -13,7 +13,6 @@ Criteria (higher score = more important module):
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Iterable
@@ -23,6 +22,7 @@ import torch
 from ..core.adapter import BottleneckLayer
 from ..core.io import atomic_write
 from ..core.model import TSPeftModel
+from ..training.targets import rank_modules
 
 DATA_CRITERIA = ("kept_fraction", "relative_magnitude")
 
@@ -71,26 +71,12 @@ def module_importance(model: TSPeftModel, batches: Iterable[dict] | None = None,
     return scores
 
 
-def rank_modules(scores: dict[str, float | None]) -> list[str]:
-    """Module names from most to least important (ties broken by name, so rankings are deterministic)."""
-    return sorted(scores, key=lambda name: (-(scores[name] if scores[name] is not None else float("-inf")), name))
-
-
-def top_k_modules(importance_file: str | os.PathLike, criterion: str, k: int) -> list[str]:
-    """The k most important module names by `criterion` from an importance JSON file."""
-    data = json.loads(Path(importance_file).read_text())
-    if criterion not in data["scores"]:
-        raise ValueError(f"{importance_file}: no criterion {criterion!r}; available: {sorted(data['scores'])}")
-    ranking = rank_modules(data["scores"][criterion])
-    if not 1 <= k <= len(ranking):
-        raise ValueError(f"--top-k {k}: must lie in [1, {len(ranking)}] (modules ranked in {importance_file})")
-    return ranking[:k]
-
-
 def importance_for_run(run_dir: Path, n_batches: int = 20, seed: int = 0, out: Path | None = None) -> dict:
     """Rank the modules of a `tspeft train` run folder of a ts-* method; writes JSON and a plot."""
+    from ..training.build import load_base
     from ..training.data import load_data
-    from ..training.train import TrainConfig, load_adapter, load_base
+    from ..training.run_config import TrainConfig
+    from ..training.run_folder import load_adapter
     from . import plots
 
     run_dir = Path(run_dir)

@@ -1,19 +1,12 @@
-"""Helpers for module names and per-token keep masks (no torch / matplotlib needed)."""
+"""Helpers for module names and per-token keep masks (no matplotlib needed)."""
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-_INT = re.compile(r"\d+")
-
-
-def layer_index(name: str) -> int:
-    """First integer in the module name, or -1 when there is none."""
-    m = _INT.search(str(name))
-    return int(m.group()) if m else -1
+from ..training.token_stats import layer_index
 
 
 def module_type(name: str) -> str:

@@ -213,10 +213,10 @@ def _check_train_flags(parser: argparse.ArgumentParser, args) -> None:
     if args.command == "train" and args.modules_from and not Path(args.modules_from).is_file():
         sub.error(f"argument --modules-from: no such file {args.modules_from!r}")
     if args.command == "train" and args.resume_from_checkpoint:
-        from ..training.train import resolve_checkpoint
+        from ..training.run_folder import CHECKPOINTS, resolve_checkpoint
 
         try:
-            resolve_checkpoint(args.resume_from_checkpoint, Path(args.out) / "checkpoints")
+            resolve_checkpoint(args.resume_from_checkpoint, Path(args.out) / CHECKPOINTS)
         except ValueError as error:
             sub.error(f"argument {error}")
 
@@ -325,7 +325,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ..training.train import evaluate
+    from ..training.evaluate import evaluate
 
     result = evaluate(args)
     print(f"[tspeft] evaluated {result['adapter']} ({result['method']}) on {result['task']} ({result['n_eval']} examples)")
@@ -378,8 +378,6 @@ def cmd_compare(args) -> int:
         if is_main:
             print(f"[tspeft] compare run {i}/{len(plan)}: {method} seed {seed} -> {run_dir}", flush=True)
         run_args = argparse.Namespace(**{**vars(args), "method": method, "seed": seed, "out": str(run_dir)})
-        if not method.startswith("ts-") and hasattr(run_args, "target_kept"):
-            del run_args.target_kept
         metrics = train(run_args)
         is_main = _is_main_process()
         metrics["run_dir"] = str(run_dir)

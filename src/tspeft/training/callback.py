@@ -3,8 +3,8 @@
     trainer = Trainer(model=ts_model, ..., callbacks=[ThresholdCallback(ts_model, out_dir="runs/x")])
 
 `ThresholdCallback`
-  * on_train_begin: with `ramp_fraction`, the target ramp spans that share of the run's steps; starts a
-    fresh `train_log.jsonl` (resumed at step k: keeps its lines of steps <= k);
+  * on_train_begin: starts a fresh `train_log.jsonl` (resumed at step k: keeps its lines of steps <= k); the
+    τ rule's config (ramp included) is the model's own and is not changed here;
   * on_step_end (after each optimizer step, so once per step also under gradient accumulation):
     `model.update_thresholds()`;
   * on every training log (the Trainer's `logging_steps`): adds `kept_fraction` (overall, real tokens,
@@ -33,24 +33,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..core.model import TSPeftModel
-
-LOG_FILE = "train_log.jsonl"
-
-
-def unwrap_ts_model(model: Any) -> TSPeftModel | None:
-    """Find the TSPeftModel inside accelerate/DDP/compile wrappers (None if there is none)."""
-    seen = 0
-    while model is not None and seen < 8:
-        if isinstance(model, TSPeftModel):
-            return model
-        # DDP / DataParallel / accelerate wrappers keep the model in `.module`; torch.compile in `._orig_mod`.
-        inner = None
-        for attr in ("module", "_orig_mod"):
-            if isinstance(model, nn.Module) and attr in model._modules:
-                inner = model._modules[attr]
-                break
-        model, seen = inner, seen + 1
-    return None
+from .run_folder import TRAIN_LOG
+from .wrappers import unwrap_ts_model
 
 
 def _finite(value: Any) -> float | None:
@@ -63,16 +47,10 @@ def _finite(value: Any) -> float | None:
 class ThresholdCallback(TrainerCallback):
     """Steps the τ rule after each optimizer step and logs kept fraction / τ at each logging step."""
 
-    def __init__(self, model: nn.Module | None = None, out_dir: str | os.PathLike | None = None,
-                 ramp_fraction: float | None = None):
+    def __init__(self, model: nn.Module | None = None, out_dir: str | os.PathLike | None = None):
         # `model`: the TSPeftModel (or a wrapper of it). None: taken from the Trainer's callback arguments.
-        # `ramp_fraction`: sets the τ rule's `ramp_steps` to this share of the run's optimizer steps at train
-        # begin (the step count is known only then); None leaves the config as it is.
-        if ramp_fraction is not None and not 0 <= ramp_fraction <= 1:
-            raise ValueError(f"ramp_fraction={ramp_fraction!r}: must lie in [0, 1]")
         self.model = model
-        self.ramp_fraction = ramp_fraction
-        self.log_path = Path(out_dir) / LOG_FILE if out_dir is not None else None
+        self.log_path = Path(out_dir) / TRAIN_LOG if out_dir is not None else None
         self._started = False
 
     def _ts_model(self, kwargs: dict[str, Any]) -> TSPeftModel | None:
@@ -82,8 +60,6 @@ class ThresholdCallback(TrainerCallback):
         ts_model = self._ts_model(kwargs)
         if ts_model is not None:
             ts_model.reset_stats()
-            if self.ramp_fraction is not None and state.max_steps > 0:
-                ts_model.ts_config.ramp_steps = round(self.ramp_fraction * state.max_steps)
         if self.log_path is not None and state.is_world_process_zero and not self._started:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             # a fresh log per training run; resumed from a checkpoint at step k: keep the lines of steps <= k

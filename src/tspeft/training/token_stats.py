@@ -1,7 +1,11 @@
-"""Which tokens does the gate keep? Kept fraction per layer by token kind, by position, and by vocabulary item."""
+"""Which tokens does the gate keep? Kept fraction per layer by token kind, by position, and by vocabulary item.
+
+Measured by `train()` on the eval set of a ts-* run (token_stats.json); the report (`tspeft.analysis`) reads it.
+"""
 
 from __future__ import annotations
 
+import re
 import string
 from collections import defaultdict
 from typing import Iterable
@@ -9,7 +13,6 @@ from typing import Iterable
 import torch
 
 from ..core.model import TSPeftModel
-from .tokens import layer_index
 
 STOP_WORDS = frozenset("""a about above after again against all am an and any are as at be because been before being
 below between both but by can could did do does doing down during each few for from further had has have having he
@@ -19,6 +22,13 @@ them themselves then there these they this those through to too under until up v
 while who whom why will with you your yours yourself yourselves""".split())
 KINDS = ("special", "punctuation", "stop word", "content")
 POSITION_BUCKETS = ((0, 1), (1, 4), (4, 16), (16, 64), (64, 10**9))
+_INT = re.compile(r"\d+")
+
+
+def layer_index(name: str) -> int:
+    """First integer in the module name, or -1 when there is none."""
+    m = _INT.search(str(name))
+    return int(m.group()) if m else -1
 
 
 def token_kind(token: str, special_tokens: set[str]) -> str:

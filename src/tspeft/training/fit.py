@@ -1,0 +1,103 @@
+"""Fitting: transformers' `Trainer` with the τ-rule callback and checkpoints that hold the adapter.
+
+    training_args = training_arguments(cfg, plan, checkpoints, device)
+    fitted = fit(model, tokenizer, task_data, plan, training_args, out, resume)
+
+Under torchrun / accelerate launch every process fits (DDP: global batch = processes × batch_size); the
+`TrainingArguments` set up torch.distributed and say which process is the main one.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .callback import ThresholdCallback
+from .data import ListDataset, TaskData
+from .defaults import DEFAULTS
+from .run_config import TrainConfig, TrainPlan
+from .run_folder import load_checkpoint_into, save_adapter
+
+
+class TSTrainer(Trainer):
+    """Trainer whose checkpoints/`save_model` store the adapter (TSPeftModel is not a PreTrainedModel).
+
+    `_save` writes the run folder's adapter format (only where `args.should_save`, i.e. the main process);
+    `_load_from_checkpoint` reads it back in place for `train(resume_from_checkpoint=...)`: adapter weights
+    and, for ts-*, τ, the τ-rule state and `rule_step`. The optimizer, scheduler, RNG and TrainerState are
+    saved and restored by the Trainer itself. lora/dora checkpoints are peft folders: the Trainer loads them.
+    """
+
+    method: str = "ts-lora"
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if not self.args.should_save:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_adapter(self.accelerator.unwrap_model(self.model), self.method, output_dir)
+        torch.save(self.args, output_dir / "training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not load_checkpoint_into(target, Path(resume_from_checkpoint), self.method):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def training_arguments(cfg: TrainConfig, plan: TrainPlan, checkpoints: Path, device: torch.device) -> TrainingArguments:
+    """The run's `TrainingArguments`. Build them first, also when nothing is trained: under a launcher they set
+    up torch.distributed (accelerate's PartialState) and name the main process, the only one that writes."""
+    return TrainingArguments(
+        output_dir=str(checkpoints), seed=cfg.seed, learning_rate=plan.lr, num_train_epochs=plan.epochs,
+        max_steps=plan.max_steps if plan.max_steps else -1, per_device_train_batch_size=plan.batch_size,
+        weight_decay=DEFAULTS.weight_decay, logging_steps=cfg.logging_steps or DEFAULTS.logging_steps,
+        logging_first_step=True, remove_unused_columns=False, report_to=[],
+        save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
+        disable_tqdm=False, use_cpu=device.type == "cpu", label_names=["labels"], dataloader_num_workers=0,
+        bf16=bool(cfg.bf16),
+        # DDP would otherwise copy rank 0's buffers into every rank before each forward, overwriting the other
+        # ranks' token counts and r histograms before they are all-reduced. τ and the τ-rule state need no
+        # broadcast: every rank computes them from the same all-reduced statistics.
+        ddp_broadcast_buffers=False,
+        # Each rank's loss is its own batch mean and DDP averages the gradients (the τ rule averages its band sums
+        # the same way). The default (True) multiplies the loss by the number of processes for models whose
+        # forward takes **kwargs, expecting them to divide by the global token count; BERT's classification loss
+        # does not, so the loss and every gradient came out N times too large.
+        average_tokens_across_devices=False)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What fitting returns: the trained model (as the Trainer left it) and how the training went."""
+
+    model: nn.Module
+    train_seconds: float = 0.0
+    train_steps: int = 0
+    final_loss: float | None = None
+
+
+def fit(model: nn.Module, tokenizer, task_data: TaskData, plan: TrainPlan, training_args: TrainingArguments,
+        out: Path, resume: str | None) -> Fitted:
+    """Train `model` on `task_data.train` (nothing to do for zero-shot runs or an empty train set)."""
+    if not plan.trains or not task_data.train:
+        return Fitted(model)
+    kind = task_data.kind
+    features = kind.features(tokenizer, task_data.train, plan.max_length)
+    # Trainer reads model.is_gradient_checkpointing through TSPeftModel's attribute forwarding: not our warning
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    trainer = TSTrainer(model=model, args=training_args, train_dataset=ListDataset(features),
+                        data_collator=kind.collator(tokenizer), callbacks=[ThresholdCallback(model, out_dir=out)])
+    trainer.method = plan.method
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - start
+    checkpoints = Path(training_args.output_dir)
+    if training_args.process_index == 0 and checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+    return Fitted(trainer.model, seconds, trainer.state.global_step, result.training_loss)

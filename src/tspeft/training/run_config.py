@@ -1,0 +1,160 @@
+"""A run's configuration as given (`TrainConfig`, `EvalConfig`) and as resolved, once (`TrainPlan`).
+
+    cfg = TrainConfig(task="rotten_tomatoes", method="ts-lora", out="runs/rt")     # what the user said
+    plan = resolve_train(cfg, task_data)                                             # every default filled in
+
+Every default is taken in `resolve_train` and nowhere else: the task kind's (model, batch size, max length),
+`tspeft.training.defaults.DEFAULTS` (learning rate, epochs, warm-up, kept target, ramp) and the run's
+optimizer step count (the ramp's length). The plan is frozen: nothing changes it afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..tasks.kind import TaskKind
+from .data import TaskData
+from .defaults import DEFAULTS, METHODS, base_method, default_lr
+from .targets import top_k_modules
+
+
+@dataclass(kw_only=True)
+class RunInputs:
+    """What a run reads (shared by training and evaluation): data, columns, base model, sizes, device."""
+
+    task: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    question_column: str = "question"
+    options_column: str = "options"
+    answer_column: str = "answer"
+    model: str | None = None
+    seed: int = 0
+    max_length: int | None = None
+    batch_size: int | None = None
+    n_train: int | None = None
+    n_eval: int | None = None
+    device: str = "auto"
+    bf16: bool | None = None  # bfloat16 autocast; None: off for training, the run's own precision for `eval`
+
+    @classmethod
+    def from_namespace(cls, args):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+@dataclass(kw_only=True)
+class TrainConfig(RunInputs):
+    out: str
+    method: str = "ts-lora"
+    epochs: float | None = None
+    max_steps: int | None = None
+    lr: float | None = None
+    rank: int | None = None
+    target_kept: float | None = DEFAULTS.target_kept  # ts-*: overall kept fraction; None: the loss-driven rule
+    warmup_steps: int | None = None
+    ramp_steps: int | None = None  # None: DEFAULTS.ramp_fraction of the run's optimizer steps
+    logging_steps: int | None = None
+    modules_from: str | None = None  # an importance.json written by `tspeft importance`
+    top_k: int | None = None
+    criterion: str = "kept_fraction"
+    save_steps: int | None = None  # Trainer checkpoint every N optimizer steps into <out>/checkpoints
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, a folder of checkpoint-N folders, or "last"
+
+
+@dataclass(kw_only=True)
+class EvalConfig(RunInputs):
+    adapter: str
+    n_train: int | None = 1  # only the eval split is needed
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """A training run with every default resolved (see `resolve_train`)."""
+
+    method: str
+    kind: TaskKind
+    model_name: str
+    max_length: int
+    batch_size: int  # per process
+    eval_batch_size: int
+    lr: float
+    epochs: float
+    max_steps: int | None
+    rank: int  # reported rank: LoRA/DoRA rank or bottleneck size
+    target_modules: list[str] | None  # None: the architecture's defaults (`targets.target_modules_for`)
+    target_kept: float | None  # ts-* only; None also for the loss-driven rule
+    warmup_steps: int | None  # ts-* only
+    ramp_steps: int | None  # ts-* only
+    zero_shot: bool  # method none on a kind without a head: nothing is trained
+    linear_probe: bool  # method none on a kind with a head: the head alone is trained
+
+    @property
+    def gated(self) -> bool:
+        return self.method.startswith("ts-")
+
+    @property
+    def trains(self) -> bool:
+        return not self.zero_shot
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def planned_steps(n_train: int, batch_size: int, world_size: int, epochs: float, max_steps: int | None) -> int:
+    """The optimizer steps `Trainer` will take (max_steps, else epochs × batches per process per epoch)."""
+    if max_steps:
+        return max_steps
+    batches_per_process = math.ceil(math.ceil(n_train / batch_size) / world_size)
+    return math.ceil(epochs * max(batches_per_process, 1))
+
+
+def resolve_train(cfg: TrainConfig, task_data: TaskData) -> TrainPlan:
+    """Fill in every default of a training run, once."""
+    check_method(cfg.method)
+    kind = task_data.kind
+    gated = cfg.method.startswith("ts-")
+    batch_size = cfg.batch_size or kind.default_batch_size
+    epochs = cfg.epochs if cfg.epochs is not None else DEFAULTS.epochs
+    ramp_steps = cfg.ramp_steps
+    if gated and ramp_steps is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+        steps = planned_steps(len(task_data.train), batch_size, world_size, epochs, cfg.max_steps)
+        ramp_steps = round(DEFAULTS.ramp_fraction * steps)
+    targets = top_k_modules(cfg.modules_from, cfg.criterion, cfg.top_k) if cfg.modules_from else None
+    default_rank = DEFAULTS.bottleneck_size if base_method(cfg.method) == "adapter" else DEFAULTS.rank
+    return TrainPlan(
+        method=cfg.method, kind=kind, model_name=cfg.model or kind.default_model,
+        max_length=cfg.max_length or kind.default_max_length, batch_size=batch_size,
+        eval_batch_size=batch_size * DEFAULTS.eval_batch_factor, lr=cfg.lr or default_lr(cfg.method), epochs=epochs,
+        max_steps=cfg.max_steps, rank=cfg.rank or default_rank, target_modules=targets,
+        target_kept=cfg.target_kept if gated else None,
+        warmup_steps=(DEFAULTS.warmup_steps if cfg.warmup_steps is None else cfg.warmup_steps) if gated else None,
+        ramp_steps=ramp_steps if gated else None,
+        zero_shot=cfg.method == "none" and not kind.has_head, linear_probe=cfg.method == "none" and kind.has_head)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def precision(device: torch.device, bf16: bool) -> torch.autocast:
+    """bfloat16 autocast on `device` when `bf16` (a no-op context otherwise); refuses a GPU without bfloat16."""
+    if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--bf16: the GPU {torch.cuda.get_device_name(device)} does not support bfloat16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16))
+

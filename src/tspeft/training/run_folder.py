@@ -1,0 +1,148 @@
+"""The run folder: every file name a run writes, and the adapter / checkpoint I/O.
+
+    <out>/
+        metrics.json        task, model, method, seed, accuracy, kept_fraction (on the eval set; 1.0 dense; null
+                            for none), per_module, train_seconds, trainable_params, target_kept, τ, sizes, ...
+        train_log.jsonl     one line per logging step (see callback.py)
+        token_masks.json    ts-* only: per-module keep masks of a few eval examples (real tokens only)
+        token_stats.json    ts-* only: kept fraction by token kind / position / vocabulary item (token_stats.py)
+        the adapter         ts-*: TSPeftModel.save_pretrained (ts_config.json + weights, see tspeft.core.io);
+                            lora/dora: peft's save_pretrained (adapter_config.json + weights);
+                            adapter/none: trainable_weights.safetensors + run_manifest.json
+        checkpoints/        with save_steps: Trainer checkpoints checkpoint-N (the adapter as above, τ-rule state,
+                            optimizer, scheduler, RNG)
+        importance.json     written by `tspeft importance` (tspeft.analysis.importance)
+        report.html, report/   written by `tspeft report` (tspeft.analysis.report)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..core.adapter import BottleneckConfig, inject_bottleneck_adapters
+from ..core.io import MANIFEST, atomic_write
+from ..core.model import TSPeftModel
+from .wrappers import unwrap_ts_model
+
+METRICS = "metrics.json"
+TRAIN_LOG = "train_log.jsonl"
+TOKEN_MASKS = "token_masks.json"
+TOKEN_STATS = "token_stats.json"
+TS_CONFIG = MANIFEST  # a token-selective adapter's manifest (tspeft.core.io)
+PEFT_CONFIG = "adapter_config.json"  # a peft adapter (for a ts-* folder: the stub that stops plain peft)
+RUN_MANIFEST = "run_manifest.json"
+DENSE_WEIGHTS = "trainable_weights.safetensors"
+CHECKPOINTS = "checkpoints"
+IMPORTANCE = "importance.json"
+REPORT = "report.html"
+REPORT_FIGURES = "report"
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON has no NaN or infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2, default=str)))
+
+
+def read_metrics(folder: Path) -> dict[str, Any]:
+    """The run's metrics.json ({} when there is none)."""
+    path = Path(folder) / METRICS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def is_token_selective(folder: Path) -> bool:
+    return (Path(folder) / TS_CONFIG).is_file()
+
+
+# ----- adapters
+def save_adapter(model: nn.Module, method: str, out: Path) -> None:
+    """Write `model`'s adapter into `out` in its method's format (see the module docstring)."""
+    ts_model = unwrap_ts_model(model)
+    if ts_model is not None:
+        ts_model.save_pretrained(out)
+    elif isinstance(model, PeftModel):
+        model.save_pretrained(str(out))
+    else:  # adapter / none: the trainable weights (bottleneck layers, head) by state-dict key
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items() if k in names}
+        bottleneck = getattr(model, "_tspeft_bottleneck_config", None)
+        atomic_write(out / DENSE_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        manifest = {"method": method, "bottleneck_config": bottleneck.to_dict() if bottleneck else None,
+                    "weights": DENSE_WEIGHTS}
+        atomic_write(out / RUN_MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
+
+
+def _load_trainable_weights(target: nn.Module, folder: Path, misfit: str) -> None:
+    weights = load_file(folder / json.loads((folder / RUN_MANIFEST).read_text())["weights"])
+    missing = set(weights) - set(target.state_dict())
+    if missing:
+        raise ValueError(f"{folder}: {misfit}: {sorted(missing)[:3]}")
+    target.load_state_dict(weights, strict=False)
+
+
+def load_adapter(base: nn.Module, folder: Path, method: str) -> nn.Module:
+    """`base` with the adapter saved in `folder` (for inference)."""
+    if (folder / TS_CONFIG).is_file():
+        return TSPeftModel.from_pretrained(base, folder, is_trainable=False)
+    if (folder / PEFT_CONFIG).is_file():
+        return PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+    if (folder / RUN_MANIFEST).is_file():
+        manifest = json.loads((folder / RUN_MANIFEST).read_text())
+        if manifest.get("bottleneck_config"):
+            inject_bottleneck_adapters(base, BottleneckConfig.from_dict(manifest["bottleneck_config"]))
+        _load_trainable_weights(base, folder, "saved weights do not fit the base model")
+        return base
+    if method == "none":
+        return base  # zero-shot: nothing was saved
+    raise ValueError(f"{folder} holds no adapter (no {TS_CONFIG}, {PEFT_CONFIG} or {RUN_MANIFEST})")
+
+
+# ----- checkpoints
+def load_checkpoint_into(target: nn.Module, folder: Path, method: str) -> bool:
+    """Restore a tspeft checkpoint in place (adapter weights and, for ts-*, τ, the τ-rule state, `rule_step`);
+    False if `folder` is not one of ours (a peft folder: the Trainer loads it)."""
+    ts_model = unwrap_ts_model(target)
+    if (folder / TS_CONFIG).is_file():
+        if ts_model is None:
+            raise ValueError(f"{folder} holds a token-selective checkpoint, but this run's method is {method}")
+        ts_model.load_state_from(folder)
+        return True
+    if (folder / RUN_MANIFEST).is_file():  # adapter / none: the trainable weights by state-dict key
+        _load_trainable_weights(target, folder, "checkpoint weights do not fit this model")
+        return True
+    return False
+
+
+def resolve_checkpoint(spec: str, checkpoints: Path) -> str:
+    """`--resume-from-checkpoint`: "last" (newest checkpoint-N in `checkpoints`), a checkpoint-N folder, or a folder
+    holding checkpoint-N folders (the newest is taken). ValueError if there is no such checkpoint."""
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = checkpoints if spec == "last" else Path(spec)
+    flag = f"--resume-from-checkpoint {spec}"
+    if not folder.is_dir():
+        raise ValueError(f"{flag}: no such folder {folder}" + (" (nothing was checkpointed: use --save-steps)"
+                                                               if spec == "last" else ""))
+    if (folder / TRAINER_STATE_NAME).is_file():
+        return str(folder)
+    last = get_last_checkpoint(str(folder))
+    if last is None or not (Path(last) / TRAINER_STATE_NAME).is_file():
+        raise ValueError(f"{flag}: {folder} holds no Trainer checkpoint (no {TRAINER_STATE_NAME}, no checkpoint-N folder)")
+    return last
