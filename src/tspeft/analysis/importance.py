@@ -22,7 +22,12 @@ import torch
 from ..core.adapter import BottleneckLayer
 from ..core.io import atomic_write
 from ..core.model import TSPeftModel
+from ..training.build import load_base
+from ..training.data import load_data
+from ..training.run_config import TrainConfig
+from ..training.run_folder import IMPORTANCE, METRICS, TS_CONFIG, load_adapter
 from ..training.targets import rank_modules
+from . import plots
 
 DATA_CRITERIA = ("kept_fraction", "relative_magnitude")
 
@@ -73,19 +78,13 @@ def module_importance(model: TSPeftModel, batches: Iterable[dict] | None = None,
 
 def importance_for_run(run_dir: Path, n_batches: int = 20, seed: int = 0, out: Path | None = None) -> dict:
     """Rank the modules of a `tspeft train` run folder of a ts-* method; writes JSON and a plot."""
-    from ..training.build import load_base
-    from ..training.data import load_data
-    from ..training.run_config import TrainConfig
-    from ..training.run_folder import load_adapter
-    from . import plots
-
     run_dir = Path(run_dir)
-    if not (run_dir / "ts_config.json").is_file():
+    if not (run_dir / TS_CONFIG).is_file():
         raise ValueError(f"{run_dir} is not a token-selective adapter folder (no ts_config.json): importance "
                          "needs the learned token sparsity of a ts-* run")
-    if not (run_dir / "metrics.json").is_file():
+    if not (run_dir / METRICS).is_file():
         raise ValueError(f"{run_dir}: metrics.json is missing, so the base model and training data are unknown")
-    run = json.loads((run_dir / "metrics.json").read_text())
+    run = json.loads((run_dir / METRICS).read_text())
     saved = run.get("data") or {}
     cfg = TrainConfig(out=str(run_dir), task=saved.get("task"), data=saved.get("data"), eval_data=saved.get("eval_data"),
                       n_train=run.get("n_train") or None, n_eval=run.get("n_eval"), seed=run.get("seed", 0),
@@ -99,7 +98,7 @@ def importance_for_run(run_dir: Path, n_batches: int = 20, seed: int = 0, out: P
     batches = [collate(features[i:i + size]) for i in range(0, min(len(features), n_batches * size), size)]
     scores = module_importance(model, batches, seed=seed)
     rankings = {criterion: rank_modules(values) for criterion, values in scores.items()}
-    out = Path(out) if out else run_dir / "importance.json"
+    out = Path(out) if out else run_dir / IMPORTANCE
     result = {"adapter": str(run_dir), "model": run["model"], "task": task_data.name, "method": run["method"],
               "measured_tokens": int(sum(g.kept_counts[1].item() for g in model.gates.values()) / max(len(model.gates), 1)),
               "measured_on": f"{len(batches)} training batches of {size}", "scores": scores, "ranking": rankings,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.io import atomic_write
+from ..training.run_folder import METRICS, REPORT, REPORT_FIGURES, TOKEN_MASKS, TOKEN_STATS, TRAIN_LOG
 from . import plots
 from .tokens import group_by_layer, layer_index, layer_token_matrix, module_type, to_float
 
@@ -51,7 +52,7 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} does not exist or is not a directory")
-    mpath, lpath, tpath = run_dir / "metrics.json", run_dir / "train_log.jsonl", run_dir / "token_masks.json"
+    mpath, lpath, tpath = run_dir / METRICS, run_dir / TRAIN_LOG, run_dir / TOKEN_MASKS
     if not mpath.is_file() and not lpath.is_file():
         raise ValueError(
             f"{run_dir} is not a tspeft run folder: missing both metrics.json and train_log.jsonl "
@@ -188,81 +189,81 @@ code{background:#f4f4f4;padding:0 .2em}
 """
 
 
-def write_report(run_dir: str | os.PathLike) -> Path:
-    """Build ``run_dir/report.html`` (images embedded) and PNGs in ``run_dir/report/``.
+@dataclass
+class _Page:
+    """What every report section needs: the run, where its figures go, the notes it adds, the log's span."""
 
-    Raises ValueError when the folder has neither ``metrics.json`` nor ``train_log.jsonl``.
-    """
-    data = load_run(run_dir)
-    run_dir = data.run_dir
-    fig_dir = run_dir / "report"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    esc = html.escape
-    sections: list[str] = []
-    notes = list(data.notes)
+    data: RunData
+    fig_dir: Path
+    notes: list[str]
+    steps: list[float]
+    span: str
 
-    def figure(png: Path, caption: str) -> str:
-        return f"<figure>{_img_tag(png, caption)}<figcaption>{esc(caption)}</figcaption></figure>"
+    def figure(self, png: Path, caption: str) -> str:
+        return f"<figure>{_img_tag(png, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
-    log = data.log
-    steps = _steps(log)
-    span = (f"{len(log)} logged training steps (step {steps[0]:g} to {steps[-1]:g})" if log else "")
 
-    # 1. kept fraction over training
-    if log:
-        per_layer = _per_layer_series(log, "kept_per_module")
-        target = _per_layer_series(log, "kept_target_per_module")
-        overall = _overall_series(log)
-        if per_layer or any(v is not None for v in overall):
-            png = plots.plot_kept_fraction(steps, overall, per_layer, target or None, fig_dir / "kept_fraction.png")
-            sections.append("<h2>Kept fraction during training</h2>" + figure(
-                png,
-                "Fraction of tokens whose adapter update was applied (r_i ≥ τ), on the training batches "
-                f"of {span}. Thick red: overall kept fraction; thin lines: per-layer mean over that "
-                "layer's adapted modules, colored by layer"
-                + ("; dotted: per-layer mean of the kept-fraction target." if target else "."),
-            ))
-        else:
-            notes.append("train_log.jsonl has no kept_fraction / kept_per_module values.")
+def _kept_and_tau_sections(page: _Page) -> list[str]:
+    """1. kept fraction over training; 2. τ trajectories."""
+    log, steps, span, sections = page.data.log, page.steps, page.span, []
+    if not log:
+        return sections
+    per_layer = _per_layer_series(log, "kept_per_module")
+    target = _per_layer_series(log, "kept_target_per_module")
+    overall = _overall_series(log)
+    if per_layer or any(v is not None for v in overall):
+        png = plots.plot_kept_fraction(steps, overall, per_layer, target or None, page.fig_dir / "kept_fraction.png")
+        sections.append("<h2>Kept fraction during training</h2>" + page.figure(
+            png,
+            "Fraction of tokens whose adapter update was applied (r_i ≥ τ), on the training batches "
+            f"of {span}. Thick red: overall kept fraction; thin lines: per-layer mean over that "
+            "layer's adapted modules, colored by layer"
+            + ("; dotted: per-layer mean of the kept-fraction target." if target else "."),
+        ))
+    else:
+        page.notes.append("train_log.jsonl has no kept_fraction / kept_per_module values.")
+    tau = _dict_series(log, "tau_per_module")
+    mean_tau = [to_float(r.get("mean_tau")) for r in log]
+    if tau:
+        png = plots.plot_tau(steps, tau, mean_tau, page.fig_dir / "tau.png")
+        sections.append("<h2>Threshold τ per module</h2>" + page.figure(
+            png,
+            f"τ of each adapted module over {span}; one panel per module type, one thin line per "
+            "module colored by its layer; dashed red: mean τ over all modules.",
+        ))
+    else:
+        page.notes.append("train_log.jsonl has no tau_per_module values; no τ plot.")
+    return sections
 
-        # 2. tau trajectories
-        tau = _dict_series(log, "tau_per_module")
-        mean_tau = [to_float(r.get("mean_tau")) for r in log]
-        if tau:
-            png = plots.plot_tau(steps, tau, mean_tau, fig_dir / "tau.png")
-            sections.append("<h2>Threshold τ per module</h2>" + figure(
-                png,
-                f"τ of each adapted module over {span}; one panel per module type, one thin line per "
-                "module colored by its layer; dashed red: mean τ over all modules.",
-            ))
-        else:
-            notes.append("train_log.jsonl has no tau_per_module values; no τ plot.")
 
-    # 3. final per-module kept fraction heatmap
-    per_module = None
-    source = ""
+def _module_heatmap_section(page: _Page) -> list[str]:
+    """3. final per-module kept fraction heatmap."""
+    data, per_module, source = page.data, None, ""
     if data.metrics and isinstance(data.metrics.get("per_module"), dict) and data.metrics["per_module"]:
         per_module, source = data.metrics["per_module"], "metrics.json (per_module)"
     else:
-        for rec in reversed(log):
+        for rec in reversed(data.log):
             if isinstance(rec.get("kept_per_module"), dict) and rec["kept_per_module"]:
                 per_module = rec["kept_per_module"]
                 source = f"the last train_log.jsonl entry with per-module values (step {rec.get('step')})"
                 break
-    if per_module:
-        png = plots.plot_module_heatmap(per_module, fig_dir / "module_heatmap.png",
-                                        "Final kept fraction per module")
-        n_mod = len(per_module)
-        sections.append("<h2>Final kept fraction per module</h2>" + figure(
-            png,
-            f"Final kept fraction of each of the {n_mod} adapted modules, from {source}, arranged as "
-            "layer × module type (gray: no adapted module there). A module that keeps more tokens applies "
-            "its update more often, so this also serves as an importance view.",
-        ))
-    else:
-        notes.append("No per-module kept fractions recorded; no module heatmap.")
+    if not per_module:
+        page.notes.append("No per-module kept fractions recorded; no module heatmap.")
+        return []
+    png = plots.plot_module_heatmap(per_module, page.fig_dir / "module_heatmap.png",
+                                    "Final kept fraction per module")
+    n_mod = len(per_module)
+    return ["<h2>Final kept fraction per module</h2>" + page.figure(
+        png,
+        f"Final kept fraction of each of the {n_mod} adapted modules, from {source}, arranged as "
+        "layer × module type (gray: no adapted module there). A module that keeps more tokens applies "
+        "its update more often, so this also serves as an importance view.",
+    )]
 
-    # 4. token heatmaps
+
+def _token_mask_section(page: _Page) -> list[str]:
+    """4. token heatmaps."""
+    esc, data = html.escape, page.data
     examples = []
     if data.token_masks is not None and isinstance(data.token_masks.get("examples"), list):
         examples = [e for e in data.token_masks["examples"]
@@ -273,7 +274,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         layers, mat = layer_token_matrix(tokens, ex["masks"])
         if not layers or not tokens:
             continue
-        png = plots.plot_token_heatmap(tokens, layers, mat, fig_dir / f"tokens_{k}.png",
+        png = plots.plot_token_heatmap(tokens, layers, mat, page.fig_dir / f"tokens_{k}.png",
                                        f"Example {k + 1}: tokens updated per layer")
         shown = min(len(tokens), plots.MAX_TOKENS)
         text = " ".join(tokens[:shown]) + (" …" if len(tokens) > shown else "")
@@ -281,48 +282,59 @@ def write_report(run_dir: str | os.PathLike) -> Path:
                + (f", first {shown} shown" if shown < len(tokens) else "")
                + f", {len(ex['masks'])} modules): cell = fraction of that layer's adapted modules whose "
                "update was applied at the token (1 = all kept, 0 = all dropped; gray = not recorded).")
-        token_parts.append(figure(png, cap) + f"<p><small>Tokens: <code>{esc(text)}</code></small></p>")
-    sections.append("<h2>Which tokens each layer updated</h2>" + (
+        token_parts.append(page.figure(png, cap) + f"<p><small>Tokens: <code>{esc(text)}</code></small></p>")
+    return ["<h2>Which tokens each layer updated</h2>" + (
         "".join(token_parts) if token_parts else
         '<p class="note">No token masks were recorded for this run (token_masks.json is missing or holds no '
-        "usable examples), so there are no per-token heatmaps.</p>"))
+        "usable examples), so there are no per-token heatmaps.</p>")]
 
-    # 4b. token kinds, positions and vocabulary (token_stats.json, written by `tspeft train` for ts-* runs)
-    stats_path = Path(run_dir) / "token_stats.json"
-    if stats_path.is_file():
-        try:
-            stats = json.loads(stats_path.read_text())
-            png = plots.plot_token_kinds(stats["by_kind"], stats["by_position"], fig_dir / "token_kinds.png",
-                                         "Kept fraction by token kind and position")
-            kinds = sorted({k for layer in stats["by_kind"].values() for k in layer})
-            head = "".join(f"<th>{esc(k)}</th>" for k in kinds)
-            body = "".join(
-                f"<tr><th>{esc(layer)}</th>" + "".join(
-                    f"<td>{esc(_fmt(stats['by_kind'][layer].get(k, {}).get('kept_fraction')))}</td>" for k in kinds)
-                + "</tr>" for layer in sorted(stats["by_kind"], key=int))
-            vocab = "".join(f"<tr><td>{esc(t)}</td><td>{esc(_fmt(f))}</td><td>{n}</td><td>{esc(t2)}</td>"
-                            f"<td>{esc(_fmt(f2))}</td><td>{n2}</td></tr>"
-                            for (t, f, n), (t2, f2, n2) in zip(stats["most_kept_tokens"], stats["least_kept_tokens"]))
-            sections.append(
-                "<h2>Which kinds of tokens are kept</h2>" + figure(
-                    png, f"Kept fraction per layer by token kind and by position, measured on the "
-                         f"{esc(stats.get('measured_on', 'eval examples'))} ({esc(stats.get('note', ''))}).")
-                + f"<table><tr><th>layer</th>{head}</tr>{body}</table>"
-                + "<h3>Most and least kept tokens</h3><table><tr><th>most kept</th><th>kept</th><th>seen</th>"
-                  f"<th>least kept</th><th>kept</th><th>seen</th></tr>{vocab}</table>")
-        except (ValueError, KeyError, TypeError) as error:
-            notes.append(f"token_stats.json could not be used ({error}); no token-kind section.")
 
-    # 5. loss
+def _token_stats_section(page: _Page) -> list[str]:
+    """4b. token kinds, positions and vocabulary (token_stats.json, written by `tspeft train` for ts-* runs)."""
+    esc = html.escape
+    stats_path = page.data.run_dir / TOKEN_STATS
+    if not stats_path.is_file():
+        return []
+    try:
+        stats = json.loads(stats_path.read_text())
+        png = plots.plot_token_kinds(stats["by_kind"], stats["by_position"], page.fig_dir / "token_kinds.png",
+                                     "Kept fraction by token kind and position")
+        kinds = sorted({k for layer in stats["by_kind"].values() for k in layer})
+        head = "".join(f"<th>{esc(k)}</th>" for k in kinds)
+        body = "".join(
+            f"<tr><th>{esc(layer)}</th>" + "".join(
+                f"<td>{esc(_fmt(stats['by_kind'][layer].get(k, {}).get('kept_fraction')))}</td>" for k in kinds)
+            + "</tr>" for layer in sorted(stats["by_kind"], key=int))
+        vocab = "".join(f"<tr><td>{esc(t)}</td><td>{esc(_fmt(f))}</td><td>{n}</td><td>{esc(t2)}</td>"
+                        f"<td>{esc(_fmt(f2))}</td><td>{n2}</td></tr>"
+                        for (t, f, n), (t2, f2, n2) in zip(stats["most_kept_tokens"], stats["least_kept_tokens"]))
+        return [
+            "<h2>Which kinds of tokens are kept</h2>" + page.figure(
+                png, f"Kept fraction per layer by token kind and by position, measured on the "
+                     f"{esc(stats.get('measured_on', 'eval examples'))} ({esc(stats.get('note', ''))}).")
+            + f"<table><tr><th>layer</th>{head}</tr>{body}</table>"
+            + "<h3>Most and least kept tokens</h3><table><tr><th>most kept</th><th>kept</th><th>seen</th>"
+              f"<th>least kept</th><th>kept</th><th>seen</th></tr>{vocab}</table>"]
+    except (ValueError, KeyError, TypeError) as error:
+        page.notes.append(f"token_stats.json could not be used ({error}); no token-kind section.")
+        return []
+
+
+def _loss_section(page: _Page) -> list[str]:
+    """5. loss."""
+    log = page.data.log
     if log and any(to_float(r.get("loss")) is not None for r in log):
-        png = plots.plot_loss(steps, [to_float(r.get("loss")) for r in log], fig_dir / "loss.png")
-        sections.append("<h2>Training loss</h2>" + figure(
-            png, f"Training loss as logged on the training batches of {span}."))
-    elif log:
-        notes.append("train_log.jsonl has no loss values; no loss plot.")
+        png = plots.plot_loss(page.steps, [to_float(r.get("loss")) for r in log], page.fig_dir / "loss.png")
+        return ["<h2>Training loss</h2>" + page.figure(
+            png, f"Training loss as logged on the training batches of {page.span}.")]
+    if log:
+        page.notes.append("train_log.jsonl has no loss values; no loss plot.")
+    return []
 
-    # summary table
-    m = data.metrics or {}
+
+def _summary(page: _Page) -> str:
+    """The summary table (metrics.json) and the last training-log line."""
+    esc, m, log = html.escape, page.data.metrics or {}, page.data.log
     rows = "".join(f"<tr><th>{esc(label)}</th><td>{esc(_fmt(m.get(key)))}</td></tr>" for key, label in SUMMARY_KEYS)
     shown_keys = {k for k, _ in SUMMARY_KEYS} | {"per_module"}
     extra = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(_fmt(v))}</td></tr>"
@@ -333,18 +345,38 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         summary += "<details><summary>Other recorded metrics</summary><table>" + extra + "</table></details>"
     if log:
         last = log[-1]
-        summary += (f"<p>Training log: {esc(span)}; last logged loss {esc(_fmt(to_float(last.get('loss'))))}, "
+        summary += (f"<p>Training log: {esc(page.span)}; last logged loss {esc(_fmt(to_float(last.get('loss'))))}, "
                     f"kept fraction {esc(_fmt(to_float(last.get('kept_fraction'))))}, "
                     f"mean τ {esc(_fmt(to_float(last.get('mean_tau'))))}.</p>")
-    note_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
+    return summary
+
+
+SECTIONS = (_kept_and_tau_sections, _module_heatmap_section, _token_mask_section, _token_stats_section, _loss_section)
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """Build ``run_dir/report.html`` (images embedded) and PNGs in ``run_dir/report/``.
+
+    Raises ValueError when the folder has neither ``metrics.json`` nor ``train_log.jsonl``.
+    """
+    data = load_run(run_dir)
+    fig_dir = data.run_dir / REPORT_FIGURES
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    steps = _steps(data.log)
+    span = (f"{len(data.log)} logged training steps (step {steps[0]:g} to {steps[-1]:g})" if data.log else "")
+    page = _Page(data, fig_dir, list(data.notes), steps, span)
+    sections = [html_part for section in SECTIONS for html_part in section(page)]
+    summary = _summary(page)
+    esc, m = html.escape, data.metrics or {}
+    note_html = "".join(f'<p class="note">{esc(n)}</p>' for n in page.notes)
     title = "tspeft run report — " + " / ".join(str(m[k]) for k in ("task", "model", "method") if m.get(k) is not None)
     doc = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{esc(title)}</h1><p>Run folder: <code>{esc(str(run_dir))}</code></p>"
+        f"<h1>{esc(title)}</h1><p>Run folder: <code>{esc(str(data.run_dir))}</code></p>"
         + summary + note_html + "".join(sections) + "</body></html>\n"
     )
-    out = run_dir / "report.html"
+    out = data.run_dir / REPORT
     _atomic_write_text(out, doc)
     return out
 

@@ -1,0 +1,90 @@
+"""`tspeft compare`: train several methods × seeds and tabulate accuracy / kept fraction / time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..core.io import atomic_write
+from .commands import fmt, is_main_process, write_report
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for method in methods:
+        chosen = [r for r in runs if r["method"] == method]
+        row = {"method": method, "runs": len(chosen), "seeds": [r["seed"] for r in chosen]}
+        for key in ("accuracy", "kept_fraction", "train_seconds"):
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r.get(key) for r in chosen])
+        rows.append(row)
+    return rows
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    def cell(row, key, digits):
+        mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+        return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+    lines = ["| method | runs | accuracy | kept fraction | train seconds |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['runs']} | {cell(row, 'accuracy', 4)} | "
+                     f"{cell(row, 'kept_fraction', 3)} | {cell(row, 'train_seconds', 1)} |")
+    return "\n".join(lines)
+
+
+def cmd_compare(args) -> int:
+    from ..training.train import train
+
+    name = args.task or Path(args.data).stem
+    out = Path(args.out or f"runs/compare-{name}")
+    runs, reports = [], []
+    plan = [(method, seed) for method in args.methods for seed in args.seeds]
+    is_main = True  # known after the first train() (under a launcher every rank runs every run; rank 0 reports)
+    for i, (method, seed) in enumerate(plan, 1):
+        run_dir = out / f"{method}-s{seed}"
+        if is_main:
+            print(f"[tspeft] compare run {i}/{len(plan)}: {method} seed {seed} -> {run_dir}", flush=True)
+        run_args = argparse.Namespace(**{**vars(args), "method": method, "seed": seed, "out": str(run_dir)})
+        metrics = train(run_args)
+        is_main = is_main_process()
+        metrics["run_dir"] = str(run_dir)
+        runs.append(metrics)
+        if not is_main:
+            continue
+        print(f"[tspeft]   accuracy {fmt(metrics['accuracy'])}  kept {fmt(metrics['kept_fraction'], 3)}  "
+              f"train {metrics['train_seconds']:.1f} s", flush=True)
+        if method.startswith("ts-") and not args.no_report:
+            reports.append(str(write_report(run_dir)))
+    if not is_main:
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarise(runs, args.methods)
+    table = comparison_table(rows)
+    first = runs[0]
+    header = (f"# tspeft compare: {name}\n\nmodel {first['model']}, {first['n_train']} train / {first['n_eval']} eval "
+              f"examples, seeds {', '.join(map(str, args.seeds))}; mean ± standard deviation over seeds. "
+              "Kept fraction: share of real-token adapter updates applied on the eval set (1 for dense methods).\n\n")
+    per_run = ["", "| method | seed | accuracy | kept fraction | train seconds | run |", "|---|---|---|---|---|---|"]
+    per_run += [f"| {r['method']} | {r['seed']} | {fmt(r['accuracy'])} | {fmt(r['kept_fraction'], 3)} | "
+                f"{r['train_seconds']:.1f} | {r['run_dir']} |" for r in runs]
+    markdown = header + table + "\n" + "\n".join(per_run) + "\n"
+    atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
+    summary = {"task": name, "methods": args.methods, "seeds": args.seeds, "summary": rows, "runs": runs,
+               "reports": reports}
+    atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
+    print()
+    print(table)
+    print(f"\n[tspeft] wrote {out / 'compare.md'} and {out / 'compare.json'}")
+    for report in reports:
+        print(f"[tspeft] report: {report}")
+    return 0
