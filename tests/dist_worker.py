@@ -68,7 +68,7 @@ def train(ts_model, wrapped, rank: int, world: int, all_reduce=None):
         local_counts = [g.kept_counts.tolist() for g in ts_model.gates.values()]
         ts_model.reduce_stats()
         log.append({"tau": ts_model.thresholds(), "kept_global": ts_model.kept_fraction(), "kept_local": local,
-                    "local_counts": local_counts, "kept_targets": ts_model.kept_targets(),
+                    "local_counts": local_counts, "kept_targets": ts_model.allocated_kept(),
                     "slopes": ts_model.loss_slopes(), "loss": loss.item()})
         ts_model.reset_stats()
     weights = {n: p.detach().flatten().tolist() for n, p in ts_model.named_parameters() if p.requires_grad}

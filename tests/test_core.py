@@ -152,9 +152,9 @@ def test_surrogate_gradient_sign_and_tau_nonnegative(helpful):
     tau = model.thresholds()["0"]
     assert tau >= 0
     if helpful:  # keeping the updates lowers the loss: ∂L/∂u < 0, so u stays at 1 and τ at 0
-        assert slope < 0 and model.kept_targets()["0"] == 1.0 and tau == 0.0
+        assert slope < 0 and model.allocated_kept()["0"] == 1.0 and tau == 0.0
     else:  # dropping them lowers the loss: ∂L/∂u > 0, u falls and τ rises
-        assert slope > 0 and model.kept_targets()["0"] < 1.0 and tau > 0
+        assert slope > 0 and model.allocated_kept()["0"] < 1.0 and tau > 0
 
 
 def test_scheduled_target_ramps_cubically_from_one_to_target():
@@ -200,7 +200,7 @@ def test_pad_tokens_do_not_change_statistics_or_tau():
         with model.real_tokens(mask):
             model(x)[:, :6].pow(2).mean().backward()
         model.update_thresholds()
-        return model.sparsity(), model.thresholds(), [g.kept_counts[1].item() for g in model.gates.values()]
+        return model.kept_fractions(), model.thresholds(), [g.kept_counts[1].item() for g in model.gates.values()]
 
     no_pad, padded = run(0), run(5)
     assert no_pad[2] == padded[2] == [24.0, 24.0]
@@ -335,7 +335,7 @@ def test_edge_inputs_give_finite_outputs_and_statistics(dtype, case):
         assert torch.isfinite(ts_model(all_pad)).all()
     ts_model.update_thresholds()
     assert all(math.isfinite(t) and t >= 0 for t in ts_model.thresholds().values())
-    assert all(v is None or 0 <= v <= 1 for v in ts_model.sparsity().values())
+    assert all(v is None or 0 <= v <= 1 for v in ts_model.kept_fractions().values())
 
 
 def test_generation_with_kv_cache_counts_real_tokens():
@@ -364,3 +364,17 @@ def test_generate_with_kv_cache_matches_stepwise_gated_forward():
             stepwise = torch.cat([stepwise, logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert 0 < model.kept_fraction() < 1, "the thresholds must actually drop some tokens for this test to mean anything"
     assert torch.equal(cached, stepwise)
+
+
+def test_adapter_saved_before_the_allocated_kept_rename_still_loads():
+    """tests/data/adapter_before_allocated_kept was saved by tspeft when the gate buffer was called kept_target
+    (an nn.Sequential(Linear(4, 4), ReLU, Linear(4, 2)) with seed 0, LoRA r=2 on "0" and "2", kept_target set to
+    0.25 / 0.75, τ to 0.1 / 0.2, rule_step 7)."""
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    loaded = TSPeftModel.from_pretrained(base, Path(__file__).parent / "data" / "adapter_before_allocated_kept")
+    assert loaded.allocated_kept() == {"0": 0.25, "2": 0.75}
+    assert loaded.thresholds() == pytest.approx({"0": 0.1, "2": 0.2})
+    assert int(loaded.rule_step) == 7

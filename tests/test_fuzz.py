@@ -221,7 +221,7 @@ def test_gate_properties(case):
         if math.isfinite(before[name]):
             assert math.isfinite(tau), f"τ of {name} became {tau} from {before[name]}"
     for gate in ts_model.gates.values():
-        assert all(math.isfinite(v) for v in (gate.kept_target.item(), gate.loss_slope.item(), gate.band_low.item()))
+        assert all(math.isfinite(v) for v in (gate.allocated_kept.item(), gate.loss_slope.item(), gate.band_low.item()))
     RUNS[f"{case['method']}/{case['dtype']}/{len(lead) + 1}d"] += 1
     RUNS["total"] += 1
     if n_real == 0:
@@ -242,5 +242,5 @@ def test_infinite_tau_is_moved_by_the_rule(method):
         ts_model(torch.randn(4, 8, 6, generator=generator)).pow(2).mean().backward()
         ts_model.update_thresholds()
         ts_model.zero_grad()
-    assert 0 < ts_model.kept_targets()["lin0"] < 1  # the rule wants to keep tokens ...
+    assert 0 < ts_model.allocated_kept()["lin0"] < 1  # the rule wants to keep tokens ...
     assert all(math.isfinite(t) for t in ts_model.thresholds().values()), ts_model.thresholds()  # ... but cannot

@@ -259,7 +259,7 @@ def _train(model, optimizer, steps, log):
         optimizer.step()
         optimizer.zero_grad()
         model.update_thresholds()
-        log.append((loss.item(), model.kept_fraction(), model.thresholds(), model.kept_targets()))
+        log.append((loss.item(), model.kept_fraction(), model.thresholds(), model.allocated_kept()))
         model.reset_stats()
 
 
@@ -271,7 +271,7 @@ def _fresh(method):
 
 def _trainable_and_gate_state(model):
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    gate_fields = ("tau", "kept_target", "loss_slope", "band_low", "band_high", "rule_step")
+    gate_fields = ("tau", "allocated_kept", "loss_slope", "band_low", "band_high", "rule_step")
     return {k: v.clone() for k, v in model.state_dict().items() if k in names or k.endswith(gate_fields)}
 
 
@@ -359,7 +359,7 @@ def _stamped(model: TSPeftModel, i: int) -> None:
                 p.fill_(float(i))
         model.set_thresholds(i / 1000)
         for gate in model.gates.values():
-            gate.kept_target.fill_(1 / (i + 2))
+            gate.allocated_kept.fill_(1 / (i + 2))
         model.rule_step.fill_(i)
 
 
@@ -383,7 +383,7 @@ def _loaded_state_number(folder) -> int:
     trainable = [p for n, p in loaded.named_parameters() if "lora_" in n]
     assert trainable and all(torch.all(p == float(i)) for p in trainable), "weights from another save"
     assert all(t == pytest.approx(i / 1000) for t in loaded.thresholds().values()), "τ from another save"
-    assert all(v == pytest.approx(1 / (i + 2)) for v in loaded.kept_targets().values())
+    assert all(v == pytest.approx(1 / (i + 2)) for v in loaded.allocated_kept().values())
     return i
 
 

@@ -51,7 +51,7 @@ def module_importance(model: TSPeftModel, batches: Iterable[dict] | None = None,
         measure_on_data(model, batches)
         scores["kept_fraction"] = {n: g.kept_fraction() for n, g in model.gates.items()}
         scores["relative_magnitude"] = {n: g.mean_relative_magnitude() for n, g in model.gates.items()}
-    scores["learned_kept_target"] = model.kept_targets()
+    scores["learned_kept_target"] = model.allocated_kept()
     base = model.get_base_model()
     delta, factor, magnitude = {}, {}, {}
     for name in model.gates:
@@ -100,7 +100,7 @@ def importance_for_run(run_dir: Path, n_batches: int = 20, seed: int = 0, out: P
     rankings = {criterion: rank_modules(values) for criterion, values in scores.items()}
     out = Path(out) if out else run_dir / IMPORTANCE
     result = {"adapter": str(run_dir), "model": run["model"], "task": task_data.name, "method": run["method"],
-              "measured_tokens": int(sum(g.kept_counts[1].item() for g in model.gates.values()) / max(len(model.gates), 1)),
+              "measured_tokens": int(sum(g.token_counts().real for g in model.gates.values()) / max(len(model.gates), 1)),
               "measured_on": f"{len(batches)} training batches of {size}", "scores": scores, "ranking": rankings,
               "rank_of": {c: {name: i + 1 for i, name in enumerate(r)} for c, r in rankings.items()}}
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))

@@ -12,6 +12,15 @@ Three ways, each with a single pass of the base layer and of the adapter:
   h = W0 x + b + where(S, M, 0). No subtraction of outputs and no second output-sized select in backward.
 * `OutputDifferenceHooks` (bottleneck adapters, DoRA convolutions, anything with a `base_layer`): the base
   layer's output is captured as it is computed, M(x) = adapted − base, and h = where(S, adapted, base).
+
+Where each sits (`attach_gate` chooses; S = the gate's keep mask, ⊙S zeroes the tokens it drops):
+
+    plain LoRA        x ─► W0 ─────────────────────────────► (+) ─► h     gate on z: ‖M x‖ from z and BᵀB
+                      x ─► dropout ─► A ─► z ─►[⊙S]─► B·s ──┘
+    DoRA (Linear)     x ─► W0 ─────────────────────────────► (+) ─► h     gate on the output of peft's
+                      x ─► lora_magnitude_vector ─► M ─►[⊙S]┘              DoRA module (= M x)
+    other             x ─► base_layer ─► base ──────────┐
+                      x ─► the whole adapted layer ─► adapted ─► where(S, adapted, base) ─► h
 """
 
 from __future__ import annotations
@@ -19,8 +28,13 @@ from __future__ import annotations
 import math
 
 import torch
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import _ConvNd as LoraConv  # peft-private: DoRA/LoRA convolutions gate on dim 1
+from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
+from .adapter import BottleneckLayer
 from .gate import TokenGate
 
 
@@ -191,6 +205,15 @@ class DoraUpdateHooks(_Hooks):
 
 
 class OutputDifferenceHooks(_Hooks):
+    """The general gate: M(x) = adapted − base from the layer's own two outputs, h = where(S, adapted, base).
+
+    A forward hook on `layer.base_layer` keeps the base output W0 x + b as the layer computes it; a forward hook
+    on `layer` then has the adapted output, so ‖M x‖ = ‖adapted − base‖ and ‖W0 x‖ = ‖base − b‖ per token along
+    `feature_dim` (1 for convolutions). Works for any layer with a `base_layer` (bottleneck adapters, LoRA with
+    a bias or a variant, DoRA convolutions) at the cost of one output-sized subtraction; with autograd, c_i for
+    the band comes from a hook on the gated output's gradient.
+    """
+
     def __init__(self, layer: nn.Module, gate: TokenGate, token_mask: TokenMask, feature_dim: int = -1):
         super().__init__(gate, token_mask)
         self.feature_dim = feature_dim
@@ -224,3 +247,26 @@ class OutputDifferenceHooks(_Hooks):
                 lambda grad: self.gate.record_band((grad.movedim(fd, -1)[band].float() * update_band).sum(-1))
             )
         return gated
+
+
+def is_gateable(module: nn.Module) -> bool:
+    """Whether `module` is an adapted layer tspeft can gate (a peft LoRA/DoRA layer or a bottleneck layer)."""
+    return isinstance(module, (LoraLayer, BottleneckLayer))
+
+
+def attach_gate(module: nn.Module, gate: TokenGate, token_mask: TokenMask) -> _Hooks:
+    """Put `gate` on the adapted `module` with the cheapest hooks that are exact for it (see the diagram)."""
+    if isinstance(module, BottleneckLayer):
+        return OutputDifferenceHooks(module, gate, token_mask)
+    if len(module.active_adapters) != 1:
+        raise ValueError(f"tspeft gates exactly one active adapter per module, found {module.active_adapters}")
+    adapter = module.active_adapters[0]
+    plain_lora = (isinstance(module, LoraLinear) and adapter not in module.lora_variant
+                  and not module.lora_bias.get(adapter, False))
+    if plain_lora:
+        return LoraDownProjectionHooks(module, adapter, gate, token_mask)
+    linear_dora = (isinstance(module, LoraLinear) and type(module.lora_variant.get(adapter)) is DoraLinearVariant
+                   and not module.lora_bias.get(adapter, False))
+    if linear_dora:  # peft's DoRA module returns the update M(x) itself: gate it there
+        return DoraUpdateHooks(module, adapter, gate, token_mask)
+    return OutputDifferenceHooks(module, gate, token_mask, feature_dim=1 if isinstance(module, LoraConv) else -1)

@@ -13,13 +13,35 @@ hooks in attach.py feed it the norms and apply S. Only real (non-pad) tokens are
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from .config import TokenSelectiveConfig
 
+GATE_STATE = ("tau", "allocated_kept", "loss_slope", "band_low", "band_high")  # persistent per-gate τ-rule state
+LEGACY_STATE_NAMES = {"allocated_kept": "kept_target"}  # the names adapters saved before the rename use
 
-GATE_STATE = ("tau", "kept_target", "loss_slope", "band_low", "band_high")  # persistent per-gate τ-rule state
+
+class TokenCounts(NamedTuple):
+    """`TokenGate.kept_counts`, by name: since the last reset_stats(), over real tokens."""
+
+    kept: float  # tokens whose update was applied
+    real: float  # real (non-pad) tokens seen
+    r_sum: float  # Σ r
+
+
+class BandStats(NamedTuple):
+    """`TokenGate.band_stats`, by name: since the last τ update."""
+
+    band_sum: float  # Σ c_i over real tokens in the band around τ
+    band_count: float  # how many real tokens were in the band
+    real_count: float  # real tokens seen in training
+
+
+KEPT, REAL, R_SUM = range(len(TokenCounts._fields))  # positions in kept_counts
+BAND_SUM, BAND_COUNT, REAL_COUNT = range(len(BandStats._fields))  # positions in band_stats
 
 
 class TokenGate(nn.Module):
@@ -30,15 +52,19 @@ class TokenGate(nn.Module):
         self.config = config
         self.tau = nn.Parameter(torch.tensor(float(config.tau_init)), requires_grad=False)
         # τ-rule state (persistent: saved with the adapter and in Trainer checkpoints).
-        self.register_buffer("kept_target", torch.tensor(1.0))  # u: the module's kept fraction to realise
+        # u_m: this module's allocated kept fraction, what τ is steered to realise (≠ the global target_kept k*)
+        self.register_buffer("allocated_kept", torch.tensor(1.0))
         self.register_buffer("loss_slope", torch.tensor(0.0))  # running estimate of ∂L/∂u
         self.register_buffer("band_low", torch.tensor(0.0))  # tokens with r in [low, high] estimate ∂L/∂u
         self.register_buffer("band_high", torch.tensor(float("inf")))
-        # Since the last τ update: histogram of log10 r, Σ c_i and count over band tokens, real tokens.
+        # Since the last τ update: histogram of log10 r, and `BandStats` (Σ c_i and count over band tokens, real
+        # tokens). One tensor each, so a step all-reduces them at once.
         self.register_buffer("r_histogram", torch.zeros(config.histogram_bins, dtype=torch.float64), persistent=False)
-        self.register_buffer("band_stats", torch.zeros(3, dtype=torch.float64), persistent=False)
-        # Since the last reset_stats(): kept count, real count, Σ r over real tokens (what `sparsity()` reports).
-        self.register_buffer("kept_counts", torch.zeros(3, dtype=torch.float64), persistent=False)
+        self.register_buffer("band_stats", torch.zeros(len(BandStats._fields), dtype=torch.float64), persistent=False)
+        # Since the last reset_stats(): `TokenCounts` (kept, real, Σ r over real tokens; what `kept_fractions()`
+        # reports).
+        self.register_buffer("kept_counts", torch.zeros(len(TokenCounts._fields), dtype=torch.float64),
+                             persistent=False)
         self.collect_rule_stats = True
         self.record_keep_mask = False  # analysis: keep the last forward's mask in `last_keep_mask`
         self.last_keep_mask: torch.Tensor | None = None
@@ -79,7 +105,7 @@ class TokenGate(nn.Module):
                 log_r = torch.log10(r.reshape(-1).clamp(min=10**lo, max=10**hi))
                 index = ((log_r - lo) * (bins / (hi - lo))).long().clamp_(0, bins - 1)
                 self.r_histogram.scatter_add_(0, index, weight)
-                self.band_stats[2:].add_(sums[1:2])
+                self.band_stats[REAL_COUNT].add_(sums[REAL])
         return keep
 
     def in_band(self, r: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
@@ -92,19 +118,23 @@ class TokenGate(nn.Module):
         the first-order loss change from keeping token i."""
         changes = loss_changes.reshape(-1).double()
         weight = torch.ones_like(changes) if in_band is None else in_band.reshape(-1).to(torch.float64)
-        self.band_stats[:2].add_(weight @ torch.stack((changes, weight), 1))  # (Σ c_i, count) over the band
+        # (Σ c_i, count) over the band, into the adjacent BAND_SUM, BAND_COUNT slots
+        self.band_stats[BAND_SUM:BAND_COUNT + 1].add_(weight @ torch.stack((changes, weight), 1))
 
     def clear_rule_stats(self) -> None:
         self.r_histogram.zero_()
         self.band_stats.zero_()
 
+    def token_counts(self) -> TokenCounts:
+        return TokenCounts(*self.kept_counts.tolist())
+
     def kept_fraction(self) -> float | None:
-        kept, real, _ = self.kept_counts.tolist()
-        return kept / real if real else None
+        counts = self.token_counts()
+        return counts.kept / counts.real if counts.real else None
 
     def mean_relative_magnitude(self) -> float | None:
-        _, real, r_sum = self.kept_counts.tolist()
-        return r_sum / real if real else None
+        counts = self.token_counts()
+        return counts.r_sum / counts.real if counts.real else None
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau.item():.4g}, kept_target={self.kept_target.item():.3f}"
+        return f"tau={self.tau.item():.4g}, allocated_kept={self.allocated_kept.item():.3f}"

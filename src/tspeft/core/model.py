@@ -13,18 +13,21 @@ import os
 from typing import Any, Iterator
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
-from peft.tuners.lora import Linear as LoraLinear
-from peft.tuners.lora.layer import _ConvNd as LoraConv
-from peft.tuners.lora.variants import DoraLinearVariant
+from peft import (
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from torch import nn
 
 from . import io
-from .adapter import BottleneckConfig, BottleneckLayer, inject_bottleneck_adapters
-from .attach import DoraUpdateHooks, LoraDownProjectionHooks, OutputDifferenceHooks, TokenMask
+from .adapter import BottleneckConfig, inject_bottleneck_adapters
+from .attach import TokenMask, attach_gate, is_gateable
 from .config import TokenSelectiveConfig
-from .gate import GATE_STATE, TokenGate
+from .gate import GATE_STATE, LEGACY_STATE_NAMES, TokenCounts, TokenGate
 from .tau_rule import update_thresholds
 
 
@@ -57,30 +60,14 @@ class TSPeftModel(nn.Module):
         self._hooks = []
         inner = self.get_base_model()
         for name, module in inner.named_modules():
-            if isinstance(module, (LoraLayer, BottleneckLayer)):
+            if is_gateable(module):
                 gate = TokenGate(ts_config).to(next(module.parameters()).device)
                 module.ts_gate = gate  # a child module, so τ shows up in state_dict()/named_parameters()
                 self.gates[name] = gate
-                self._hooks.append(self._attach(module, gate))
+                self._hooks.append(attach_gate(module, gate, self.token_mask))
         # Every call of the inner model sets the mask (None without attention_mask). It is not cleared after
         # the forward: reentrant activation checkpointing re-runs the layers during backward and needs it.
         self._hooks.append(inner.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
-
-    def _attach(self, module: nn.Module, gate: TokenGate):
-        if isinstance(module, BottleneckLayer):
-            return OutputDifferenceHooks(module, gate, self.token_mask)
-        if len(module.active_adapters) != 1:
-            raise ValueError(f"tspeft gates exactly one active adapter per module, found {module.active_adapters}")
-        adapter = module.active_adapters[0]
-        plain_lora = (isinstance(module, LoraLinear) and adapter not in module.lora_variant
-                      and not module.lora_bias.get(adapter, False))
-        if plain_lora:
-            return LoraDownProjectionHooks(module, adapter, gate, self.token_mask)
-        linear_dora = (isinstance(module, LoraLinear) and type(module.lora_variant.get(adapter)) is DoraLinearVariant
-                       and not module.lora_bias.get(adapter, False))
-        if linear_dora:  # peft's DoRA module returns the update M(x) itself: gate it there
-            return DoraUpdateHooks(module, adapter, gate, self.token_mask)
-        return OutputDifferenceHooks(module, gate, self.token_mask, feature_dim=1 if isinstance(module, LoraConv) else -1)
 
     # ----- real-token mask -------------------------------------------------------------------------------------
     def _set_mask(self, mask: torch.Tensor | None) -> None:
@@ -127,14 +114,14 @@ class TSPeftModel(nn.Module):
             all_reduce = _distributed_rule_statistics
         update_thresholds(list(self.gates.values()), self.ts_config, int(self.rule_step), all_reduce)
 
-    def sparsity(self) -> dict[str, float | None]:
+    def kept_fractions(self) -> dict[str, float | None]:
         """Kept fraction of real tokens per module since the last `reset_stats()` (None: no token seen)."""
         return {name: gate.kept_fraction() for name, gate in self.gates.items()}
 
     def kept_fraction(self) -> float | None:
         """Overall kept fraction of real token updates since the last `reset_stats()`."""
-        kept, real, _ = torch.stack([g.kept_counts for g in self.gates.values()]).sum(0).tolist()
-        return kept / real if real else None
+        counts = TokenCounts(*torch.stack([g.kept_counts for g in self.gates.values()]).sum(0).tolist())
+        return counts.kept / counts.real if counts.real else None
 
     def thresholds(self) -> dict[str, float]:
         return {name: float(gate.tau) for name, gate in self.gates.items()}
@@ -149,16 +136,17 @@ class TSPeftModel(nn.Module):
                 raise ValueError(f"set_thresholds: τ for {name!r} must be >= 0, got {value!r}")
             self.gates[name].tau.fill_(float(value))
 
-    def kept_targets(self) -> dict[str, float]:
-        """The τ rule's per-module kept fraction u (what τ is steered to realise)."""
-        return {name: float(gate.kept_target) for name, gate in self.gates.items()}
+    def allocated_kept(self) -> dict[str, float]:
+        """The τ rule's per-module allocated kept fraction u_m (what τ is steered to realise; under a target,
+        their token-weighted mean is the global `ts_config.target_kept`)."""
+        return {name: float(gate.allocated_kept) for name, gate in self.gates.items()}
 
     def loss_slopes(self) -> dict[str, float]:
         """Running estimate of ∂L/∂u per module (> 0: keeping more tokens raises the loss)."""
         return {name: float(gate.loss_slope) for name, gate in self.gates.items()}
 
     def reduce_stats(self, all_reduce=None) -> None:
-        """Sum the kept/real token counts over ranks (every rank must call this), so `sparsity()` is global."""
+        """Sum the kept/real token counts over ranks (every rank must call this), so `kept_fractions()` is global."""
         if all_reduce is None:
             if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
                 return
@@ -244,12 +232,12 @@ class TSPeftModel(nn.Module):
         if missing:
             raise ValueError(f"{folder}: the adapted modules do not match this base model "
                              f"({type(self.get_base_model()).__name__}); differing: {missing[:5]}")
-        self._load_adapter_weights({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")},
-                                   folder)
+        weights = {_current_name(k[len("adapter."):]): v for k, v in tensors.items() if k.startswith("adapter.")}
+        self._load_adapter_weights(weights, folder)
         with torch.no_grad():
             for name, gate in self.gates.items():
                 for field in GATE_STATE:
-                    getattr(gate, field).copy_(tensors[f"gate.{name}.{field}"].reshape(()))
+                    getattr(gate, field).copy_(_saved_state(tensors, name, field, folder).reshape(()))
             self.rule_step.copy_(tensors["gate.rule_step"].reshape(()))
 
     def _load_adapter_weights(self, weights: dict[str, torch.Tensor], folder) -> None:
@@ -267,6 +255,23 @@ class TSPeftModel(nn.Module):
             set_peft_model_state_dict(self.model, weights)
         else:
             self.model.load_state_dict(weights, strict=False)
+
+
+def _current_name(key: str) -> str:
+    """An adapter weight's key with a gate field renamed since it was saved (peft's state dict holds the gates'
+    buffers too, as `....ts_gate.<field>`) given its current name."""
+    for new, old in LEGACY_STATE_NAMES.items():
+        if key.endswith(f".ts_gate.{old}"):
+            return key[:-len(old)] + new
+    return key
+
+
+def _saved_state(tensors: dict[str, torch.Tensor], gate: str, field: str, folder) -> torch.Tensor:
+    """A gate's saved τ-rule state, also from folders saved before a field was renamed (LEGACY_STATE_NAMES)."""
+    for name in (field, LEGACY_STATE_NAMES.get(field)):
+        if name is not None and f"gate.{gate}.{name}" in tensors:
+            return tensors[f"gate.{gate}.{name}"]
+    raise ValueError(f"{folder}: the saved adapter has no {field!r} for gated module {gate!r}")
 
 
 def _is_bottleneck_key(key: str, config: BottleneckConfig) -> bool:

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from .config import TokenSelectiveConfig
-from .gate import GATE_STATE, TokenGate
+from .gate import GATE_STATE, BandStats, TokenGate
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -99,7 +99,8 @@ def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step
     stats = stats.cpu()
     for gate in gates:
         gate.clear_rule_stats()
-    band_sum, band_count, real_count, histograms = stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3:]
+    band, histograms = stats.split([len(BandStats._fields), stats.shape[1] - len(BandStats._fields)], 1)
+    band_sum, band_count, real_count = band.unbind(1)  # BandStats' order
     state_tensors = [getattr(g, field) for g in gates for field in GATE_STATE]
     state = torch.stack(state_tensors).reshape(len(gates), len(GATE_STATE)).double().cpu()
     old_tau, old_u, old_slope, old_low, old_high = state.unbind(1)  # GATE_STATE's order

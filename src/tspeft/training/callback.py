@@ -88,9 +88,9 @@ class ThresholdCallback(TrainerCallback):
         return {
             "kept_fraction": _finite(ts_model.kept_fraction()),
             "mean_tau": _finite(sum(taus.values()) / len(taus)) if taus else None,
-            "kept_per_module": {k: _finite(v) for k, v in ts_model.sparsity().items()},
+            "kept_per_module": {k: _finite(v) for k, v in ts_model.kept_fractions().items()},
             "tau_per_module": {k: _finite(v) for k, v in taus.items()},
-            "kept_target_per_module": {k: _finite(v) for k, v in ts_model.kept_targets().items()},
+            "kept_target_per_module": {k: _finite(v) for k, v in ts_model.allocated_kept().items()},
         }
 
     def on_log(self, args, state, control, logs=None, **kwargs):

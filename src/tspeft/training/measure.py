@@ -38,7 +38,7 @@ def evaluate_model(model: nn.Module, tokenizer, task_data: TaskData, max_length:
     if ts_model is not None:
         ts_model.reduce_stats()
         result["kept_fraction"] = ts_model.kept_fraction()
-        result["per_module"] = ts_model.sparsity()
+        result["per_module"] = ts_model.kept_fractions()
         ts_model.reset_stats()
     return result
 

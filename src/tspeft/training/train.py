@@ -125,7 +125,7 @@ def _debug_rank_dump(training_args, ts_model: TSPeftModel | None, metrics: dict[
     record = {"process_index": training_args.process_index, "world_size": training_args.world_size,
               "is_main": is_main, "metrics": metrics}
     if ts_model is not None:
-        record.update(tau=ts_model.thresholds(), kept_targets=ts_model.kept_targets(),
+        record.update(tau=ts_model.thresholds(), kept_targets=ts_model.allocated_kept(),
                       loss_slopes=ts_model.loss_slopes(), rule_step=int(ts_model.rule_step))
     Path(folder).mkdir(parents=True, exist_ok=True)
     write_json(Path(folder) / f"rank{training_args.process_index}.json", json_safe(record))
