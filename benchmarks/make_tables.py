@@ -48,7 +48,8 @@ def grouped(records: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]
 
 def majority_of(methods: dict[str, list[dict]]) -> float | None:
     """The eval set's majority-class accuracy (the same for every run of a task; None if no record has it)."""
-    values = {r["majority_accuracy"] for runs in methods.values() for r in runs if r.get("majority_accuracy") is not None}
+    values = {r["majority_accuracy"] for runs in methods.values() for r in runs
+              if r.get("majority_accuracy") is not None}
     if len(values) > 1:
         raise SystemExit(f"runs of one task disagree on the eval set's majority class: {sorted(values)}")
     return values.pop() if values else None
@@ -69,12 +70,14 @@ def quality_section(records: list[dict]) -> list[str]:
                          f"{fmt(kept, 2)} | {fmt([r['train_seconds'] for r in runs], 0)} |")
         majority = majorities[(model, task)]
         if majority is not None:
-            lines.append(f"| {model} | {task} | majority class (always the most common answer) | – | {majority:.3f} | – | – |")
+            lines.append(f"| {model} | {task} | majority class (always the most common answer) | – | {majority:.3f} "
+                         "| – | – |")
     lines += ["", "### Does discarding 30–70 % of token updates keep accuracy?", "",
               "Per task and pair: Δ = mean accuracy of the token-selective run minus its dense twin; the claim is "
               "counted as holding when 0.3 ≤ discarded share ≤ 0.7 and Δ ≥ −(std of the dense runs) "
               "(i.e. within seed noise or better).", "",
-              "| model | task | pair | discarded share | Δ accuracy | dense std | holds |", "|---|---|---|---|---|---|---|"]
+              "| model | task | pair | discarded share | Δ accuracy | dense std | holds |",
+              "|---|---|---|---|---|---|---|"]
     for (model, task), methods in table:
         for dense, gated in PAIRS:
             if dense not in methods or gated not in methods:
@@ -98,13 +101,15 @@ def quality_section(records: list[dict]) -> list[str]:
                          "these sizes.")
         tuned_means = [statistics.fmean(r["accuracy"] for r in runs) for m, runs in methods.items() if m != "none"]
         best = max(tuned_means) if tuned_means else None  # best fine-tuned method mean, for both flags below
-        majority, n_eval = majorities[(model, task)], max(r.get("n_eval") or 0 for runs in methods.values() for r in runs)
+        majority = majorities[(model, task)]
+        n_eval = max(r.get("n_eval") or 0 for runs in methods.values() for r in runs)
         if majority is not None and n_eval and len(set(trained)) > 1:
             se = math.sqrt(majority * (1 - majority) / n_eval)
             if best < majority + se:
                 lines.append(f"- {model} / {task}: the best fine-tuned mean ({best:.3f}) is within one standard error "
                              f"({se:.3f}) of always answering the most common class ({majority:.3f}) or below it: the "
-                             "runs learned little beyond the class balance, so the comparison says little about the claim.")
+                             "runs learned little beyond the class balance, so the comparison says little about the "
+                             "claim.")
         if "none" in methods and best is not None:
             zero_shot = statistics.fmean(r["accuracy"] for r in methods["none"])
             if best < zero_shot:
@@ -207,14 +212,14 @@ def token_section(records: list[dict]) -> list[str]:
                       + " | all layers |", "|---" * (len(spans) + 2) + "|"]
             means = {}
             for kind in kinds:
-                per_layer = [statistics.fmean(st[table_name][l][kind]["kept_fraction"] for st in stats
-                                              if kind in st[table_name].get(l, {})) for l in layers]
+                per_layer = [statistics.fmean(st[table_name][layer][kind]["kept_fraction"] for st in stats
+                                              if kind in st[table_name].get(layer, {})) for layer in layers]
                 means[kind] = statistics.fmean(per_layer)
                 by_layer = dict(zip(layers, per_layer))
-                per_span = [statistics.fmean(by_layer[l] for l in span) for span in spans]
+                per_span = [statistics.fmean(by_layer[layer] for layer in span) for span in spans]
                 lines.append(f"| {kind} | " + " | ".join(f"{v:.2f}" for v in per_span) + f" | {means[kind]:.2f} |")
                 if table_name == "by_kind":
-                    ax.plot([int(l) for l in layers], per_layer, marker="o", markersize=3, label=kind)
+                    ax.plot([int(layer) for layer in layers], per_layer, marker="o", markersize=3, label=kind)
             lines.append("")
             if table_name == "by_kind":
                 most, least = max(means, key=means.get), min(means, key=means.get)
@@ -237,7 +242,8 @@ def token_section(records: list[dict]) -> list[str]:
 
 def importance_section(records: list[dict]) -> list[str]:
     if not records:
-        return ["No module-selection results yet: run `python benchmarks/importance_selection.py --suite encoder`.", ""]
+        return ["No module-selection results yet: run "
+                "`python benchmarks/importance_selection.py --suite encoder`.", ""]
     lines = ["LoRA retrained on the top-k modules of each ranking (same rank, steps, lr); accuracy mean ± std over "
              "seeds. The claim holds here if `kept_fraction` (learned token sparsity) beats the weight criteria "
              "(`delta_weight_norm` ‖sBA‖, `factor_norm` ‖A‖‖B‖) and `random`.", "",
@@ -251,7 +257,8 @@ def importance_section(records: list[dict]) -> list[str]:
     budgets = sorted({key[:4] for key in table})
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.4), squeeze=False)
     for ax, (model, task, k, n) in zip(axes[0], budgets):
-        scores = {c: mean_std(acc) for (m, t, kk, nn, c), acc in table.items() if (m, t, kk, nn) == (model, task, k, n)}
+        scores = {c: mean_std(acc) for (m, t, kk, nn, c), acc in table.items()
+                  if (m, t, kk, nn) == (model, task, k, n)}
         names = sorted(scores, key=lambda c: -scores[c][0])
         ax.bar(range(len(names)), [scores[c][0] for c in names], yerr=[scores[c][1] for c in names], capsize=3,
                color=["tab:orange" if c == "kept_fraction" else "tab:blue" for c in names])
@@ -311,7 +318,8 @@ def main() -> None:
     for r in quality + sweep:
         sizes[(r["model"], r.get("sizes", ""))].add(r["task"])
     out = ["# Benchmark results", "",
-           "Generated by `python benchmarks/make_tables.py` from `benchmarks/results/*.json`; do not edit by hand.", ""]
+           "Generated by `python benchmarks/make_tables.py` from `benchmarks/results/*.json`; "
+           "do not edit by hand.", ""]
     out += ["Sizes per run: " + "; ".join(f"{m} ({', '.join(sorted(tasks))}): `{s}`"
                                           for (m, s), tasks in sorted(sizes.items())) if sizes else "", ""]
     from quality import SUITES, suite_lr  # the planned grid, to say which rows are still missing
@@ -326,7 +334,8 @@ def main() -> None:
     if totals:
         out += ["Training time of the recorded quality runs (sum of train seconds, evaluation not included): "
                 + "; ".join(f"{m}: {n} runs, {sec / 60:.0f} min" for m, (n, sec) in sorted(totals.items())) + ".", ""]
-    out += ["Train seconds are wall-clock (records written since the machine field was added name their machine; earlier ones ran on the 2-core CPU development machine); runs that overlapped other work "
+    out += ["Train seconds are wall-clock (records written since the machine field was added name their machine; "
+            "earlier ones ran on the 2-core CPU development machine); runs that overlapped other work "
             "are slower, so compare speed with SPEED.md (same-process ratios), not with this column.", ""]
 
     have = {(r["task"], r["method"]) for r in quality}

@@ -35,8 +35,10 @@ SUITES = {
     # lr 2e-3 for every method, because the default 5e-4 is too slow for 63 steps (dense LoRA 0.758 at 2e-3)
     "encoder": {"model": "minilm", "tasks": ["rotten_tomatoes", "sst2", "boolq"],
                 "methods": ["lora", "ts-lora", "dora", "ts-dora", "adapter", "ts-adapter"],
-                "flags": ["--n-train", "2000", "--n-eval", "1000", "--epochs", "1", "--lr", "2e-3"], "sweep_task": "rotten_tomatoes",
-                "lr_choice": "lr 2e-3 for every method, the best of the tuning below (the default 5e-4 is too slow for 63 steps)"},
+                "flags": ["--n-train", "2000", "--n-eval", "1000", "--epochs", "1", "--lr", "2e-3"],
+                "sweep_task": "rotten_tomatoes",
+                "lr_choice": "lr 2e-3 for every method, the best of the tuning below (the default 5e-4 is too slow "
+                             "for 63 steps)"},
     "decoder": {"model": "smollm2", "tasks": ["piqa", "obqa", "boolq_mc"],
                 "methods": ["none", "lora", "ts-lora", "dora", "ts-dora", "adapter", "ts-adapter"],
                 "flags": ["--n-train", "200", "--n-eval", "200", "--max-steps", "50"], "sweep_task": "piqa",
@@ -144,14 +146,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), required=True)
     parser.add_argument("--sweep", action="store_true", help="target-kept sweep of ts-lora on the suite's sweep task")
-    parser.add_argument("--lr-tune", metavar="LRS", help="comma-separated learning rates: dense LoRA on the suite's sweep "
+    parser.add_argument("--lr-tune", metavar="LRS",
+                        help="comma-separated learning rates: dense LoRA on the suite's sweep "
                         "task, first seed only (the one tuning of the dense baseline); writes lr_tuning.json")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
     parser.add_argument("--methods", help="comma-separated subset of the suite's methods")
     parser.add_argument("--runs-dir", default="runs/bench")
-    parser.add_argument("--device", default="auto", help="passed to every run: auto (cuda if available), cpu, cuda, cuda:N")
-    parser.add_argument("--results", default=None, help="output JSON (default benchmarks/results/quality.json or sweep.json)")
+    parser.add_argument("--device", default="auto",
+                        help="passed to every run: auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--results", default=None,
+                        help="output JSON (default benchmarks/results/quality.json or sweep.json)")
     parser.add_argument("--refresh-token-stats", action="store_true",
                         help="only re-read token_stats.json of finished runs under --runs-dir into their records")
     parser.add_argument("--refresh-majority", action="store_true",
@@ -164,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     results = Path(args.results or ROOT / "results" / default_name)
     records = load_records(results)
     if args.lr_tune:
-        tune_lr(suite, args.suite, [float(lr) for lr in args.lr_tune.split(",")], seeds[0], args.runs_dir, results, records,
-                device_flag)
+        tune_lr(suite, args.suite, [float(lr) for lr in args.lr_tune.split(",")], seeds[0], args.runs_dir, results,
+                records, device_flag)
         return
     done = {tuple(r.get(k) for k in KEYS) for r in records}
     if args.refresh_token_stats:
@@ -196,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
             metrics = run_one(suite, task, method, seed, out, extra)
             record = {k: metrics.get(k) for k in ("task", "method", "seed", "accuracy", "majority_accuracy",
                                                   "kept_fraction", "train_seconds",
-                                                  "eval_seconds", "trainable_params", "per_module", "n_train", "n_eval")}
+                                                  "eval_seconds", "trainable_params", "per_module", "n_train",
+                                                  "n_eval")}
             record.update(model=suite["model"], suite=args.suite, target_kept=key_target,
                           target_kept_used=metrics.get("target_kept"),
                           sizes=" ".join(sizes_of(suite, task)), machine=MACHINE + f", device {metrics.get('device')}",

@@ -60,7 +60,8 @@ CPU_MAX_WORK = 4096 * 4096 * 2048  # hidden² · tokens above this is dropped on
 
 # ----- machine and timing ----------------------------------------------------------------------------------------
 def machine_info(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else (platform.processor() or platform.machine()))
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "device": device.type, "device_name": name,
             "python": platform.python_version(), "commit": code_commit()}
@@ -276,8 +277,9 @@ def bench_train(case: str, hidden: int | None, tokens: int, builders: dict[str, 
             "memory_measure": memory[ts][2], "kept_fraction": kept[ts], "target_kept": 0.5,
             "repeats": repeats, "machine": machine,
         })
-        print(f"  train {case:9s} h={hidden} n={tokens:6d} {ts:8s}/{base:5s} step {records[-1]['train_step_ratio']:.3f}x "
-              f"({medians[ts] * 1e3:.1f} / {medians[base] * 1e3:.1f} ms)  mem {records[-1]['peak_memory_ratio']:.3f}x  "
+        print(f"  train {case:9s} h={hidden} n={tokens:6d} {ts:8s}/{base:5s} "
+              f"step {records[-1]['train_step_ratio']:.3f}x ({medians[ts] * 1e3:.1f} / {medians[base] * 1e3:.1f} ms)  "
+              f"mem {records[-1]['peak_memory_ratio']:.3f}x  "
               f"kept {kept[ts]:.2f}  reps {repeats}", flush=True)
     del trainers
     gc.collect()
@@ -295,7 +297,8 @@ def _relative_magnitude(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     lora_a, lora_b, scaling = _lora_parts(layer)
     base = F.linear(x, layer.base_layer.weight)
     update = F.linear(F.linear(x, lora_a.weight), lora_b.weight) * scaling
-    return torch.linalg.vector_norm(update.float(), dim=-1) / torch.linalg.vector_norm(base.float(), dim=-1).clamp_min(1e-30)
+    base_norm = torch.linalg.vector_norm(base.float(), dim=-1).clamp_min(1e-30)
+    return torch.linalg.vector_norm(update.float(), dim=-1) / base_norm
 
 
 def calibrate_thresholds(ts_model, run: Callable[[nn.Module], object], kept: float) -> dict[str, float]:
@@ -333,7 +336,8 @@ def bench_inference(case: str, hidden: int | None, tokens: int, build: Callable[
                     run: Callable[[nn.Module], torch.Tensor], device: torch.device, args, machine: dict) -> list[dict]:
     lora = build("lora").eval()
     merged = copy.deepcopy(lora).merge_and_unload().eval()
-    fns: dict[str, Callable[[], object]] = {"lora": lambda: run(lora), "merged": lambda: run(merged)}
+    # (pyflakes: the lambdas run before the `del` at the end)
+    fns: dict[str, Callable[[], object]] = {"lora": lambda: run(lora), "merged": lambda: run(merged)}  # noqa: F821
     ts_models, kept = {}, {}
     reference = run(lora)
     for level in KEPT_LEVELS:
@@ -434,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.warmup, args.rule_steps, args.min_repeats, args.max_repeats = 1, 2, 2, 5
     args.train_budget = args.train_budget if args.train_budget is not None else (3.0 if args.quick else 40.0)
-    args.inference_budget = args.inference_budget if args.inference_budget is not None else (2.0 if args.quick else 20.0)
+    if args.inference_budget is None:
+        args.inference_budget = 2.0 if args.quick else 20.0
     machine = machine_info(device)
     print(f"machine: {machine}", flush=True)
 

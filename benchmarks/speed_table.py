@@ -75,7 +75,8 @@ def inference_section(records: list[dict]) -> list[str]:
              "takes the skip path by itself when a layer call keeps at most half of its tokens (and the output has "
              "at least 2^18 entries), so at kept ≤ 0.5 the skip rows are what inference costs. `lora-merged` is the "
              "base-model cost floor. The target applies to TS rows with kept ≤ 0.5 and hidden ≥ 1024.", "",
-             f"| case | hidden | tokens | method | kept | forward ms | unmerged LoRA ms | ratio vs LoRA | ratio vs merged "
+             "| case | hidden | tokens | method | kept | forward ms | unmerged LoRA ms | ratio vs LoRA "
+             "| ratio vs merged "
              f"| target ≤ {INFERENCE_TARGET} |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["case"] != "synthetic", r["hidden"] or 0, r["tokens"],
@@ -85,7 +86,8 @@ def inference_section(records: list[dict]) -> list[str]:
                    and (r["hidden"] or 0) >= 1024)
         lines.append(f"| {r['case']} | {r['hidden']} | {r['tokens']} | {r['method']} | {fmt(kept, 2)} | "
                      f"{ms(r['inference_s'])} | {ms(r['baseline_inference_s'])} | {fmt(r['inference_ratio'])} | "
-                     f"{fmt(r.get('inference_ratio_vs_merged'))} | {verdict(r['inference_ratio'], INFERENCE_TARGET, applies)} |")
+                     f"{fmt(r.get('inference_ratio_vs_merged'))} | "
+                     f"{verdict(r['inference_ratio'], INFERENCE_TARGET, applies)} |")
     return lines + [""]
 
 
@@ -98,7 +100,8 @@ def summary(records: list[dict]) -> list[str]:
             (f"train step ≤ {TRAIN_TARGET}× (TS-LoRA/LoRA, TS-DoRA/DoRA)", train, "train_step_ratio", TRAIN_TARGET),
             (f"peak memory ≤ {MEMORY_TARGET}×", train, "peak_memory_ratio", MEMORY_TARGET),
             (f"gated inference ≤ {INFERENCE_TARGET}× unmerged LoRA, core skip path (core's default here; kept ≤ 0.5, "
-             "hidden ≥ 1024)", [r for r in infer if r["method"] == "ts-lora-skip"], "inference_ratio", INFERENCE_TARGET),
+             "hidden ≥ 1024)", [r for r in infer if r["method"] == "ts-lora-skip"], "inference_ratio",
+             INFERENCE_TARGET),
             ("same, core dense-masked path forced", [r for r in infer if r["method"] == "ts-lora"],
              "inference_ratio", INFERENCE_TARGET)):
         met = sum(1 for r in rows if r[key] is not None and r[key] <= target)

@@ -32,7 +32,8 @@ def claim_table() -> str:
     if CLAIM_HEADING not in results:
         return "No quality results yet (benchmarks/RESULTS.md has no claim table)."
     section = results.split(CLAIM_HEADING, 1)[1].split("\n#", 1)[0].strip()
-    return f"From [benchmarks/RESULTS.md](benchmarks/RESULTS.md) (written by `scripts/readme_figures.py`):\n\n{section}"
+    return ("From [benchmarks/RESULTS.md](benchmarks/RESULTS.md) (written by `scripts/readme_figures.py`):\n\n"
+            f"{section}")
 
 
 def main(run_dir: str = "runs/main") -> None:

@@ -44,7 +44,8 @@ def measure_on_data(model: TSPeftModel, batches: Iterable[dict]) -> None:
 
 
 @torch.no_grad()
-def module_importance(model: TSPeftModel, batches: Iterable[dict] | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
+def module_importance(model: TSPeftModel, batches: Iterable[dict] | None = None,
+                      seed: int = 0) -> dict[str, dict[str, float]]:
     """{criterion: {module: score}}; the data criteria need `batches` of real (training) data."""
     scores: dict[str, dict[str, float]] = {}
     if batches is not None:
@@ -86,7 +87,8 @@ def importance_for_run(run_dir: Path, n_batches: int = 20, seed: int = 0, out: P
         raise ValueError(f"{run_dir}: metrics.json is missing, so the base model and training data are unknown")
     run = json.loads((run_dir / METRICS).read_text())
     saved = run.get("data") or {}
-    cfg = TrainConfig(out=str(run_dir), task=saved.get("task"), data=saved.get("data"), eval_data=saved.get("eval_data"),
+    cfg = TrainConfig(out=str(run_dir), task=saved.get("task"), data=saved.get("data"),
+                      eval_data=saved.get("eval_data"),
                       n_train=run.get("n_train") or None, n_eval=run.get("n_eval"), seed=run.get("seed", 0),
                       **{f"{k}_column": v for k, v in (saved.get("columns") or {}).items()})
     task_data = load_data(cfg, label_names=run.get("label_names"), kind=run.get("task_kind"))
@@ -100,7 +102,8 @@ def importance_for_run(run_dir: Path, n_batches: int = 20, seed: int = 0, out: P
     rankings = {criterion: rank_modules(values) for criterion, values in scores.items()}
     out = Path(out) if out else run_dir / IMPORTANCE
     result = {"adapter": str(run_dir), "model": run["model"], "task": task_data.name, "method": run["method"],
-              "measured_tokens": int(sum(g.token_counts().real for g in model.gates.values()) / max(len(model.gates), 1)),
+              "measured_tokens": int(sum(g.token_counts().real for g in model.gates.values())
+                                     / max(len(model.gates), 1)),
               "measured_on": f"{len(batches)} training batches of {size}", "scores": scores, "ranking": rankings,
               "rank_of": {c: {name: i + 1 for i, name in enumerate(r)} for c, r in rankings.items()}}
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))

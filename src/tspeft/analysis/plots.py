@@ -229,7 +229,8 @@ def plot_token_kinds(by_kind: Mapping[str, Mapping[str, Mapping]], by_position: 
                       key=lambda k: (int(k.split("-")[0].rstrip("+")) if k[0].isdigit() else 0, k))
         for key in keys:
             ax.plot([int(layer) for layer in layers],
-                    [table[layer].get(key, {}).get("kept_fraction", np.nan) for layer in layers], marker="o", label=key)
+                    [table[layer].get(key, {}).get("kept_fraction", np.nan) for layer in layers],
+                    marker="o", label=key)
         ax.set_xlabel("layer")
         ax.set_title(f"by {what}")
         ax.grid(alpha=0.3)

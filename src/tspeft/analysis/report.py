@@ -184,7 +184,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1150px;ma
 h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f4f4f4} figure{margin:1em 0} img{max-width:100%;height:auto}
-figcaption{color:#444;font-size:.92em;margin-top:.3em} .note{color:#8a5a00;background:#fff7e6;padding:.4em .6em;border-left:3px solid #e0a000}
+figcaption{color:#444;font-size:.92em;margin-top:.3em}
+.note{color:#8a5a00;background:#fff7e6;padding:.4em .6em;border-left:3px solid #e0a000}
 code{background:#f4f4f4;padding:0 .2em}
 """
 

@@ -65,7 +65,8 @@ def cmd_eval(args) -> int:
     from ..training.evaluate import evaluate
 
     result = evaluate(args)
-    print(f"[tspeft] evaluated {result['adapter']} ({result['method']}) on {result['task']} ({result['n_eval']} examples)")
+    print(f"[tspeft] evaluated {result['adapter']} ({result['method']}) on {result['task']} "
+          f"({result['n_eval']} examples)")
     print(f"  accuracy       {fmt(result['accuracy'])}")
     print(f"  kept_fraction  {fmt(result['kept_fraction'])}")
     return 0

@@ -24,7 +24,8 @@ USAGE = """The `tspeft` command.
 
 Defaults (learning rate, rank, target modules, batch size, ...) are in tspeft.training.defaults.
 """
-COLUMN_FLAGS = ("text_column", "text_pair_column", "label_column", "question_column", "options_column", "answer_column")
+COLUMN_FLAGS = ("text_column", "text_pair_column", "label_column", "question_column", "options_column",
+                "answer_column")
 COLUMN_DEFAULTS = {"text_column": "text", "text_pair_column": None, "label_column": "label",
                    "question_column": "question", "options_column": "options", "answer_column": "answer"}
 
@@ -81,8 +82,8 @@ def _task_names() -> list[str]:
 # ----- parser ----------------------------------------------------------------------------------------------------
 def _add_data_flags(p: argparse.ArgumentParser, *, eval_only: bool = False) -> None:
     p.add_argument("--task", help="shipped task: " + ", ".join(_safe_task_names()))
-    p.add_argument("--data", metavar="FILE", help="your own .jsonl/.csv file" + (" to evaluate on" if eval_only else
-                                                                                    " (train split; 20%% held out unless --eval-data)"))
+    p.add_argument("--data", metavar="FILE", help="your own .jsonl/.csv file" + (
+        " to evaluate on" if eval_only else " (train split; 20%% held out unless --eval-data)"))
     p.add_argument("--eval-data", metavar="FILE", help="your own eval file (.jsonl/.csv)")
     p.add_argument("--model", metavar="PATH|NAME",
                    help="base model: minilm, smollm2, or a local folder (default: minilm for classification, "
@@ -92,7 +93,8 @@ def _add_data_flags(p: argparse.ArgumentParser, *, eval_only: bool = False) -> N
     group.add_argument("--text-pair-column", help="classification second text (optional)")
     group.add_argument("--label-column", help="classification label (default: label)")
     group.add_argument("--question-column", help="multiple-choice question (default: question)")
-    group.add_argument("--options-column", help="multiple-choice options, a list or 'A. ..\\nB. ..' (default: options)")
+    group.add_argument("--options-column",
+                       help="multiple-choice options, a list or 'A. ..\\nB. ..' (default: options)")
     group.add_argument("--answer-column", help="multiple-choice answer: index, letter or 'B. text' (default: answer)")
     p.add_argument("--n-eval", type=_positive_int, help="number of eval examples (default: the whole eval split)")
     p.add_argument("--max-length", type=_positive_int, help="tokens per example (default 64 encoder / 192 decoder)")
@@ -114,20 +116,25 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
     p.add_argument("--epochs", type=_positive_float, help=f"training epochs (default {DEFAULTS.epochs:g})")
     p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=_positive_float, help="learning rate (default 5e-4 LoRA/DoRA, 1e-3 adapter, 2e-3 none)")
+    p.add_argument("--lr", type=_positive_float,
+                   help="learning rate (default 5e-4 LoRA/DoRA, 1e-3 adapter, 2e-3 none)")
     p.add_argument("--rank", type=_positive_int, help="LoRA/DoRA rank (default 8) or bottleneck size (default 16)")
     p.add_argument("--target-kept", type=_target_kept, default=argparse.SUPPRESS,
-                   help=f"ts-*: overall kept fraction in (0, 1] (default {DEFAULTS.target_kept}); 'none': loss-driven rule")
+                   help=f"ts-*: overall kept fraction in (0, 1] (default {DEFAULTS.target_kept}); "
+                        "'none': loss-driven rule")
     p.add_argument("--warmup-steps", type=_non_negative_int, help=f"ts-*: dense warm-up steps before the gate "
                                                                   f"bites (default {DEFAULTS.warmup_steps})")
-    p.add_argument("--ramp-steps", type=_non_negative_int, help="ts-* target mode: steps over which the kept target falls "
-                   f"from 1 to --target-kept after the warm-up (default {DEFAULTS.ramp_fraction:g} of the run's steps)")
-    p.add_argument("--n-train", type=_positive_int, help="number of training examples (default: the whole train split)")
+    p.add_argument("--ramp-steps", type=_non_negative_int,
+                   help="ts-* target mode: steps over which the kept target falls from 1 to --target-kept after "
+                        f"the warm-up (default {DEFAULTS.ramp_fraction:g} of the run's steps)")
+    p.add_argument("--n-train", type=_positive_int,
+                   help="number of training examples (default: the whole train split)")
     p.add_argument("--logging-steps", type=_positive_int, help=f"log every N steps (default {DEFAULTS.logging_steps})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tspeft", description="Token-Selective PEFT: train, evaluate, compare, report.",
+    parser = argparse.ArgumentParser(prog="tspeft",
+                                     description="Token-Selective PEFT: train, evaluate, compare, report.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=USAGE)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{setup,train,eval,compare,importance,report}")
 
@@ -165,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, metavar="DIR", help="a run folder of a ts-* method")
     p.add_argument("--n-batches", type=_positive_int, default=20, help="training batches to measure on (default 20)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random criterion (default 0)")
-    p.add_argument("--out", metavar="FILE", help="JSON output (default DIR/importance.json; a PNG is written beside it)")
+    p.add_argument("--out", metavar="FILE",
+                   help="JSON output (default DIR/importance.json; a PNG is written beside it)")
 
     p = sub.add_parser("report", help="write report.html for a run folder")
     p.add_argument("run_dir", metavar="DIR", help="a run folder written by `tspeft train`")
@@ -203,7 +211,8 @@ def _check_train_flags(parser: argparse.ArgumentParser, args) -> None:
     if hasattr(args, "target_kept") and not any(m.startswith("ts-") for m in methods):
         sub.error("argument --target-kept: applies only to the ts-* methods")
     if args.model and not _is_model_name(args.model) and not Path(args.model).is_dir():
-        sub.error(f"argument --model: {args.model!r} is neither an embedded model (minilm, smollm2) nor a local folder")
+        sub.error(f"argument --model: {args.model!r} is neither an embedded model (minilm, smollm2) "
+                  "nor a local folder")
     if args.command == "train" and (args.modules_from is None) != (args.top_k is None):
         sub.error("arguments --modules-from and --top-k: give both or neither")
     if args.command == "train" and args.modules_from and not Path(args.modules_from).is_file():

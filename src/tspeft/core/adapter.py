@@ -37,7 +37,8 @@ class BottleneckConfig:
         if not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1:
             raise ValueError(f"BottleneckConfig.bottleneck_size={self.bottleneck_size!r}: must be an int >= 1")
         if self.non_linearity not in ACTIVATIONS:
-            raise ValueError(f"BottleneckConfig.non_linearity={self.non_linearity!r}: choose one of {sorted(ACTIVATIONS)}")
+            raise ValueError(f"BottleneckConfig.non_linearity={self.non_linearity!r}: "
+                             f"choose one of {sorted(ACTIVATIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.repr}

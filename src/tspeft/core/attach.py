@@ -57,7 +57,8 @@ class TokenMask:
         mask = self._mask
         if mask is None:
             return None
-        if len(lead_shape) == 2 and mask.dim() == 2 and mask.shape[0] == lead_shape[0] and mask.shape[1] >= lead_shape[1]:
+        if (len(lead_shape) == 2 and mask.dim() == 2 and mask.shape[0] == lead_shape[0]
+                and mask.shape[1] >= lead_shape[1]):
             # With a KV cache the layer sees only the newest positions: the mask's last columns.
             return mask if mask.shape[1] == lead_shape[1] else mask[:, mask.shape[1] - lead_shape[1]:]
         if mask.numel() == math.prod(lead_shape):

@@ -54,7 +54,8 @@ class TokenSelectiveConfig:
                     "the kept fraction must lie in (0, 1] (or be None for the loss-driven rule)")
         require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", "must be an int >= 0")
         require(isinstance(self.ramp_steps, int) and self.ramp_steps >= 0, "ramp_steps", "must be an int >= 0")
-        require(finite(self.sparsity_weight) and self.sparsity_weight >= 0, "sparsity_weight", "must be finite and >= 0")
+        require(finite(self.sparsity_weight) and self.sparsity_weight >= 0, "sparsity_weight",
+                "must be finite and >= 0")
         require(finite(self.step_size) and self.step_size > 0, "step_size", "must be finite and > 0")
         require(finite(self.slope_momentum) and 0 <= self.slope_momentum < 1, "slope_momentum", "must lie in [0, 1)")
         require(finite(self.tau_smoothing) and 0 < self.tau_smoothing <= 1, "tau_smoothing", "must lie in (0, 1]")
@@ -66,7 +67,8 @@ class TokenSelectiveConfig:
         require(len(lo_hi) == 2 and all(finite(v) for v in lo_hi) and lo_hi[0] < lo_hi[1], "log10_r_range",
                 "must be two finite numbers (low, high) with low < high")
         self.log10_r_range = (float(lo_hi[0]), float(lo_hi[1]))
-        require(isinstance(self.histogram_bins, int) and self.histogram_bins >= 16, "histogram_bins", "must be an int >= 16")
+        require(isinstance(self.histogram_bins, int) and self.histogram_bins >= 16, "histogram_bins",
+                "must be an int >= 16")
         require(self.base_method in (None, "lora", "dora", "adapter"), "base_method",
                 "unknown base method; expected 'lora', 'dora' or 'adapter'")
 

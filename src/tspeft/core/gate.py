@@ -74,7 +74,8 @@ class TokenGate(nn.Module):
         super()._apply(fn, recurse)
         self.tau.data = self.tau.data.float()
         for name, buffer in self._buffers.items():
-            self._buffers[name] = buffer.double() if buffer.dtype == torch.float64 or name in self._COUNTS else buffer.float()
+            keep_double = buffer.dtype == torch.float64 or name in self._COUNTS
+            self._buffers[name] = buffer.double() if keep_double else buffer.float()
         return self
 
     _COUNTS = ("r_histogram", "band_stats", "kept_counts")

@@ -65,7 +65,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_adapter_folder(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+def write_adapter_folder(folder: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                         manifest: dict[str, Any]) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -76,7 +77,8 @@ def write_adapter_folder(folder: str | os.PathLike, tensors: dict[str, torch.Ten
     os.replace(staging, folder / weights_name)
     manifest = {**manifest, "format_version": FORMAT_VERSION, "weights_file": weights_name, "weights_sha256": sha}
     atomic_write(folder / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(PEFT_STUB, indent=2)))
-    atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2, default=_jsonable)))
+    atomic_write(folder / MANIFEST,
+                 lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2, default=_jsonable)))
     _fsync_dir(folder)
     for stale in folder.glob("ts_adapter-*.safetensors"):
         if stale.name != weights_name:
@@ -87,7 +89,8 @@ def read_adapter_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        hint = " (it looks like a plain peft adapter: load it with peft)" if (folder / "adapter_model.safetensors").exists() else ""
+        plain_peft = (folder / "adapter_model.safetensors").exists()
+        hint = " (it looks like a plain peft adapter: load it with peft)" if plain_peft else ""
         raise ValueError(f"{folder} is not a tspeft adapter folder: {MANIFEST} is missing{hint}")
     try:
         manifest = json.loads(manifest_path.read_text())

@@ -108,7 +108,8 @@ class TSPeftModel(nn.Module):
 
     # ----- the τ rule and statistics ---------------------------------------------------------------------------
     def update_thresholds(self, all_reduce=None) -> None:
-        """One τ-rule step (call after each optimizer step). Under torch.distributed, statistics are summed over ranks."""
+        """One τ-rule step (call after each optimizer step). Under torch.distributed, statistics are summed over
+        ranks."""
         self.rule_step += 1
         if all_reduce is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             all_reduce = _distributed_rule_statistics
@@ -167,7 +168,8 @@ class TSPeftModel(nn.Module):
     def merge_and_unload(self, accept_ungated: bool = False) -> nn.Module:
         if not accept_ungated:
             raise RuntimeError("a token-selective adapter cannot be folded into W0: the merged weights would apply "
-                               "the update at every token. Call merge_and_unload(accept_ungated=True) to drop the gate.")
+                               "the update at every token. Call merge_and_unload(accept_ungated=True) to drop the "
+                               "gate.")
         if self.ts_config.base_method == "adapter":
             raise ValueError("a bottleneck adapter is nonlinear and cannot be merged into the base weights")
         self._remove_gates()

@@ -108,7 +108,8 @@ def _label_value(row: dict, column: str, path: Path, where: str) -> int | str:
     if isinstance(value, str) and value.strip():
         stripped = value.strip()
         return int(stripped) if stripped.lstrip("-").isdigit() else stripped
-    raise ValueError(f"{path}: {where}: label column {column!r} must hold an integer or a non-empty string, got {value!r}")
+    raise ValueError(f"{path}: {where}: label column {column!r} must hold an integer or a non-empty string, "
+                     f"got {value!r}")
 
 
 def label_vocabulary(labels: list[int | str]) -> list[str]:

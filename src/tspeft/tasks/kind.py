@@ -58,7 +58,8 @@ class TaskKind:
         """Role -> column name: each role's own name unless ``columns`` renames it; ValueError on unknown roles."""
         unknown = set(columns or {}) - set(self.roles)
         if unknown:
-            raise ValueError(f"unknown column roles {sorted(unknown)} for {self.name} data; roles are {list(self.roles)}")
+            raise ValueError(f"unknown column roles {sorted(unknown)} for {self.name} data; "
+                             f"roles are {list(self.roles)}")
         return {**{role: role for role in self.roles}, **(columns or {})}
 
     def example_from_row(self, row: dict, mapping: dict[str, str], path: Path, where: str) -> Example:

@@ -64,7 +64,8 @@ def _pad_id(tokenizer) -> int:
 
 def _fit(prompt_ids: list[int], answer_ids: list[int], max_length: int, tokenizer) -> list[int]:
     """Prompt ids shortened from the left (after any BOS) so that prompt + answer fit in max_length."""
-    keep_first = int(bool(prompt_ids) and tokenizer.bos_token_id is not None and prompt_ids[0] == tokenizer.bos_token_id)
+    bos = tokenizer.bos_token_id
+    keep_first = int(bool(prompt_ids) and bos is not None and prompt_ids[0] == bos)
     budget = max_length - len(answer_ids)
     if budget < keep_first + 1:
         raise ValueError(f"an answer of {len(answer_ids)} tokens leaves no room for the prompt within max_length="
@@ -236,7 +237,8 @@ def parse_answer(value: Any, options: list[str]) -> int:
             index = ord(match.group(1)) - ord("A")
             stated = " ".join(text[match.start(2):].split())
             if index < len(options) and stated and stated != " ".join(options[index].split()):
-                raise ValueError(f"answer {text[:60]!r} does not match option {match.group(1)} ({options[index][:60]!r})")
+                raise ValueError(f"answer {text[:60]!r} does not match option {match.group(1)} "
+                                 f"({options[index][:60]!r})")
         else:
             raise ValueError(f"answer must be an index, a letter or 'B. option text', got {text[:60]!r}")
     else:

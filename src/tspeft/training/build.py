@@ -51,7 +51,8 @@ def build_model(method: str, base: nn.Module, task_kind: str | TaskKind, *, rank
                                        modules_to_save=heads or None)
     else:
         rank = rank or DEFAULTS.rank
-        peft_config = LoraConfig(r=rank, lora_alpha=int(DEFAULTS.alpha_per_rank * rank), lora_dropout=DEFAULTS.lora_dropout,
+        peft_config = LoraConfig(r=rank, lora_alpha=int(DEFAULTS.alpha_per_rank * rank),
+                                 lora_dropout=DEFAULTS.lora_dropout,
                                  target_modules=targets, use_dora=(kind == "dora"), task_type=task_kind.peft_task_type,
                                  modules_to_save=heads or None)
     if method.startswith("ts-"):

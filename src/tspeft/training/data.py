@@ -75,7 +75,8 @@ def load_data(cfg, label_names: list[str] | None = None, kind: str | TaskKind | 
     """
     if cfg.task:
         spec = tasks_data.get_task(cfg.task)
-        train, evaluation = tasks_data.load_task(cfg.task, n_train=cfg.n_train or None, n_eval=cfg.n_eval, seed=cfg.seed)
+        train, evaluation = tasks_data.load_task(cfg.task, n_train=cfg.n_train or None, n_eval=cfg.n_eval,
+                                                 seed=cfg.seed)
         if cfg.n_train == 0:
             train = []
         return TaskData(cfg.task, get_kind(spec.kind), train, evaluation,

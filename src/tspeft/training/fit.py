@@ -50,7 +50,8 @@ class TSTrainer(Trainer):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 
-def training_arguments(cfg: TrainConfig, plan: TrainPlan, checkpoints: Path, device: torch.device) -> TrainingArguments:
+def training_arguments(cfg: TrainConfig, plan: TrainPlan, checkpoints: Path,
+                       device: torch.device) -> TrainingArguments:
     """The run's `TrainingArguments`. Build them first, also when nothing is trained: under a launcher they set
     up torch.distributed (accelerate's PartialState) and name the main process, the only one that writes."""
     return TrainingArguments(

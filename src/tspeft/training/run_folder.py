@@ -144,5 +144,6 @@ def resolve_checkpoint(spec: str, checkpoints: Path) -> str:
         return str(folder)
     last = get_last_checkpoint(str(folder))
     if last is None or not (Path(last) / TRAINER_STATE_NAME).is_file():
-        raise ValueError(f"{flag}: {folder} holds no Trainer checkpoint (no {TRAINER_STATE_NAME}, no checkpoint-N folder)")
+        raise ValueError(f"{flag}: {folder} holds no Trainer checkpoint (no {TRAINER_STATE_NAME}, "
+                         "no checkpoint-N folder)")
     return last

@@ -89,7 +89,8 @@ def run_metrics(cfg: TrainConfig, plan: TrainPlan, task_data: TaskData, fitted: 
     taus = ts_model.thresholds() if gated else None
     return {
         "task": task_data.name, "task_kind": plan.kind.name, "model": plan.model_name, "method": cfg.method,
-        "seed": cfg.seed, "accuracy": evaluation["accuracy"], "majority_accuracy": plan.kind.majority_accuracy(task_data.eval),
+        "seed": cfg.seed, "accuracy": evaluation["accuracy"],
+        "majority_accuracy": plan.kind.majority_accuracy(task_data.eval),
         "kept_fraction": evaluation.get("kept_fraction") if gated else (None if cfg.method == "none" else 1.0),
         "per_module": evaluation.get("per_module"),
         "target_kept": plan.target_kept,
