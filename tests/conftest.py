@@ -5,10 +5,11 @@ from __future__ import annotations
 import string
 
 import pytest
-import torch
 from tokenizers import Tokenizer, models, processors
-from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import BertForSequenceClassification, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from models import tiny_bert as build_tiny_bert
+from models import tiny_llama as build_tiny_llama
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0-3; <s> is bos/cls, </s> is eos/sep
 
@@ -33,22 +34,16 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture
 def tiny_bert(tiny_tokenizer) -> BertForSequenceClassification:
     """Random 2-layer BERT with a 2-class head over the tiny tokenizer's vocabulary, in eval mode."""
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=256, num_labels=2,
-                        pad_token_id=tiny_tokenizer.pad_token_id)
-    return BertForSequenceClassification(config).eval()
+    return build_tiny_bert(vocab_size=len(tiny_tokenizer), intermediate_size=64, max_position_embeddings=256,
+                           pad_token_id=tiny_tokenizer.pad_token_id)
 
 
 @pytest.fixture
 def tiny_llama(tiny_tokenizer) -> LlamaForCausalLM:
     """Random 2-layer Llama over the tiny tokenizer's vocabulary, in eval mode."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=tiny_tokenizer.pad_token_id, bos_token_id=tiny_tokenizer.bos_token_id,
-                         eos_token_id=tiny_tokenizer.eos_token_id)
-    return LlamaForCausalLM(config).eval()
+    return build_tiny_llama(vocab_size=len(tiny_tokenizer), intermediate_size=64, max_position_embeddings=512,
+                            pad_token_id=tiny_tokenizer.pad_token_id, bos_token_id=tiny_tokenizer.bos_token_id,
+                            eos_token_id=tiny_tokenizer.eos_token_id)
 
 
 def _saved(folder, model, tokenizer):

@@ -18,26 +18,16 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
+from models import MLP
 from tspeft import TokenSelectiveConfig, get_ts_peft_model
 
 STEPS, GLOBAL_BATCH, SEQ, D = 5, 8, 6, 12
 
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0 = nn.Linear(D, 2 * D)
-        self.act = nn.ReLU()
-        self.lin1 = nn.Linear(2 * D, D)
-
-    def forward(self, x):
-        return self.lin1(self.act(self.lin0(x)))
-
-
 def make_model():
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], init_lora_weights=False)
-    return get_ts_peft_model(MLP(), config, TokenSelectiveConfig(target_kept=0.5, warmup_steps=1))
+    return get_ts_peft_model(MLP(D), config, TokenSelectiveConfig(target_kept=0.5, warmup_steps=1))
 
 
 def batch(step: int):

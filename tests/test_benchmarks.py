@@ -70,8 +70,9 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
              "1": {"special": {"kept_fraction": 0.4, "tokens": 4}, "content": {"kept_fraction": 0.6, "tokens": 9}}}
     for record in quality:
         if record["method"] == "ts-lora":
-            record["token_stats"] = {"by_kind": kinds, "by_position": {"0": {"0": {"kept_fraction": 0.5, "tokens": 2}},
-                                                                       "1": {"0": {"kept_fraction": 0.7, "tokens": 2}}},
+            by_position = {"0": {"0": {"kept_fraction": 0.5, "tokens": 2}},
+                           "1": {"0": {"kept_fraction": 0.7, "tokens": 2}}}
+            record["token_stats"] = {"by_kind": kinds, "by_position": by_position,
                                      "most_kept_tokens": [["great", 0.9 + 0.01 * record["seed"], 3]],
                                      "least_kept_tokens": [["the", 0.2, 9], ["a", 0.1, 4], ["\u0120sun", 0.3, 3]]}
     quality += [{"task": "stuck", "model": "m", "method": method, "seed": seed, "accuracy": 0.6, "train_seconds": 1.0,
@@ -83,7 +84,8 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
                 for seed in range(2) for method, kept in [("lora", 1.0), ("ts-lora", 0.7)]]
     importance = [{"model": "m", "task": "t", "k": 2, "n_modules": 8, "criterion": c, "seed": seed, "accuracy": acc}
                   for seed in range(3) for c, acc in [("kept_fraction", 0.9), ("relative_magnitude", 0.8),
-                                                      ("delta_weight_norm", 0.7), ("factor_norm", 0.6), ("random", 0.5)]]
+                                                      ("delta_weight_norm", 0.7), ("factor_norm", 0.6),
+                                                      ("random", 0.5)]]
     (results / "quality.json").write_text(json.dumps(quality))
     (results / "importance.json").write_text(json.dumps(importance))
     tables.main()
@@ -104,7 +106,7 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
 def test_token_tables_group_the_layers_of_deep_models():
     tables = _load("make_tables")
     spans = tables.layer_spans([str(i) for i in range(30)])
-    assert len(spans) == 8 and [l for span in spans for l in span] == [str(i) for i in range(30)]
+    assert len(spans) == 8 and [layer for span in spans for layer in span] == [str(i) for i in range(30)]
     assert tables.span_name(spans[0]) == "layers 0–3" and tables.layer_spans(["0", "1"]) == [["0"], ["1"]]
 
 

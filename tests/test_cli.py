@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tspeft.cli.main import main
 from test_training import write_classification
+from tspeft.cli.main import main
 
 
 @pytest.fixture
@@ -52,8 +52,9 @@ def test_argument_errors(argv, message, capsys, data_file):
 
 def test_train_eval_report(tmp_path, bert_dir, data_file, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--data", str(data_file), "--model", str(bert_dir), "--method", "ts-lora", "--max-steps", "4",
-                 "--warmup-steps", "1", "--target-kept", "0.5", "--batch-size", "8", "--max-length", "24",
+    assert main(["train", "--data", str(data_file), "--model", str(bert_dir), "--method", "ts-lora",
+                 "--max-steps", "4", "--warmup-steps", "1", "--target-kept", "0.5", "--batch-size", "8",
+                 "--max-length", "24",
                  "--device", "cpu", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "kept_fraction" in printed and "report.html" in printed
@@ -91,13 +92,14 @@ def test_bad_data_is_a_clear_error(tmp_path, bert_dir, capsys):
 def test_compare(tmp_path, bert_dir, data_file, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--data", str(data_file), "--model", str(bert_dir), "--methods", "lora,ts-lora",
-                 "--seeds", "0,1", "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "8", "--max-length", "24",
-                 "--device", "cpu", "--out", str(out)]) == 0
+                 "--seeds", "0,1", "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "8",
+                 "--max-length", "24", "--device", "cpu", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| lora | 2 |" in printed and "| ts-lora | 2 |" in printed
     summary = json.loads((out / "compare.json").read_text())
     assert [r["method"] for r in summary["summary"]] == ["lora", "ts-lora"]
-    assert {(r["method"], r["seed"]) for r in summary["runs"]} == {("lora", 0), ("lora", 1), ("ts-lora", 0), ("ts-lora", 1)}
+    assert {(r["method"], r["seed"]) for r in summary["runs"]} == {("lora", 0), ("lora", 1), ("ts-lora", 0),
+                                                                   ("ts-lora", 1)}
     lora = summary["summary"][0]
     assert lora["kept_fraction_mean"] == 1.0 and lora["accuracy_std"] is not None
     assert "± " in (out / "compare.md").read_text()
@@ -121,7 +123,8 @@ def test_importance_then_train_on_top_modules(tmp_path, bert_dir, data_file, cap
     assert main(["importance", "--adapter", str(run), "--n-batches", "2"]) == 0
     assert "importance.json" in capsys.readouterr().out
     result = json.loads((run / "importance.json").read_text())
-    assert {"kept_fraction", "relative_magnitude", "delta_weight_norm", "factor_norm", "random"} <= set(result["scores"])
+    criteria = {"kept_fraction", "relative_magnitude", "delta_weight_norm", "factor_norm", "random"}
+    assert criteria <= set(result["scores"])
     assert (run / "importance.png").is_file()
     again = json.loads(json.dumps(result["ranking"]))
     main(["importance", "--adapter", str(run), "--n-batches", "2", "--out", str(tmp_path / "again.json")])

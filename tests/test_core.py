@@ -10,57 +10,42 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from models import MLP, lora, tiny_bert, tiny_llama
 from tspeft import BottleneckConfig, TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
 from tspeft.core.adapter import inject_bottleneck_adapters
 from tspeft.core.tau_rule import scheduled_target
 
 
-class MLP(nn.Module):
-    def __init__(self, d: int = 12):
-        super().__init__()
-        self.lin0 = nn.Linear(d, 2 * d)
-        self.act = nn.ReLU()
-        self.lin1 = nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        return self.lin1(self.act(self.lin0(x)))
+def _bottleneck(targets, size=3):
+    return BottleneckConfig(target_modules=targets, bottleneck_size=size)
 
 
-def tiny_bert() -> nn.Module:
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=32, num_labels=2)
-    return BertForSequenceClassification(config).eval()
+def _ids(shape, mask: bool = False):
+    def make():
+        inputs = {"input_ids": torch.randint(1, 50, shape)}
+        if mask:
+            inputs["attention_mask"] = torch.ones(*shape, dtype=torch.long)
+        return inputs
+    return make
 
 
-def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
-
-
-def lora(targets, dora=False, **kw):
-    return LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=dora, **kw)
-
-
-# name -> (base model factory, peft config factory, inputs factory)
-CASES = {
-    "mlp-lora": (MLP, lambda: lora(["lin0", "lin1"]), lambda: {"x": torch.randn(3, 5, 12)}),
-    "mlp-dora": (MLP, lambda: lora(["lin0", "lin1"], dora=True), lambda: {"x": torch.randn(3, 5, 12)}),
-    "mlp-2d-lora": (MLP, lambda: lora(["lin0"]), lambda: {"x": torch.randn(7, 12)}),
-    "mlp-4d-lora": (MLP, lambda: lora(["lin1"]), lambda: {"x": torch.randn(2, 3, 4, 12)}),
-    "bert-lora": (tiny_bert, lambda: lora(["query", "value", "dense"]),
-                  lambda: {"input_ids": torch.randint(1, 50, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}),
-    "bert-dora": (tiny_bert, lambda: lora(["query", "key"], dora=True),
-                  lambda: {"input_ids": torch.randint(1, 50, (2, 9))}),
-    "llama-lora": (tiny_llama, lambda: lora(["q_proj", "v_proj", "o_proj"]),
-                   lambda: {"input_ids": torch.randint(1, 50, (2, 7))}),
-    "llama-dora": (tiny_llama, lambda: lora(["q_proj", "down_proj"], dora=True),
-                   lambda: {"input_ids": torch.randint(1, 50, (2, 7))}),
-}
+# The equivalence table, in the spirit of peft's tests/test_custom_models.py: every way tspeft gates a layer
+# (core/attach.py: LoRA's down projection, DoRA's update, the output difference of a bottleneck adapter) on every
+# model family. With τ = 0 each gated model computes what its ungated adapter computes (within 1e-6); with τ = ∞
+# exactly what its base model computes. Row: (id, base model factory, peft config factory, inputs factory).
+EQUIVALENCE_CASES = [
+    ("mlp-lora", MLP, lambda: lora(["lin0", "lin1"]), lambda: {"x": torch.randn(3, 5, 12)}),
+    ("mlp-dora", MLP, lambda: lora(["lin0", "lin1"], dora=True), lambda: {"x": torch.randn(3, 5, 12)}),
+    ("mlp-2d-lora", MLP, lambda: lora(["lin0"]), lambda: {"x": torch.randn(7, 12)}),
+    ("mlp-4d-lora", MLP, lambda: lora(["lin1"]), lambda: {"x": torch.randn(2, 3, 4, 12)}),
+    ("mlp-adapter", MLP, lambda: _bottleneck(["lin0", "lin1"]), lambda: {"x": torch.randn(4, 6, 12)}),
+    ("bert-lora", tiny_bert, lambda: lora(["query", "value", "dense"]), _ids((2, 9), mask=True)),
+    ("bert-dora", tiny_bert, lambda: lora(["query", "key"], dora=True), _ids((2, 9))),
+    ("llama-lora", tiny_llama, lambda: lora(["q_proj", "v_proj", "o_proj"]), _ids((2, 7))),
+    ("llama-dora", tiny_llama, lambda: lora(["q_proj", "down_proj"], dora=True), _ids((2, 7))),
+]
+CASES = {case: row for case, *row in EQUIVALENCE_CASES}
 
 
 def output_of(result):
@@ -68,51 +53,42 @@ def output_of(result):
 
 
 def gated_and_reference(case):
-    """A TS model and the ungated reference (plain peft, or the plain bottleneck adapter) with equal weights."""
+    """A TS model, the ungated reference with equal weights (plain peft, or the plain bottleneck adapter, whose
+    up projection is drawn at random so that its update is not zero) and the base model."""
     make_base, make_config, make_inputs = CASES[case]
     torch.manual_seed(1)
     base = make_base()
-    reference = get_peft_model(copy.deepcopy(base), make_config())
-    ts_model = get_ts_peft_model(copy.deepcopy(base), make_config(), TokenSelectiveConfig())
-    set_peft_model_state_dict(ts_model.model, get_peft_model_state_dict(reference))
+    config = make_config()
+    if isinstance(config, BottleneckConfig):
+        reference = copy.deepcopy(base)
+        inject_bottleneck_adapters(reference, config)
+        for name, parameter in reference.named_parameters():
+            if "adapter_up" in name:
+                nn.init.normal_(parameter)
+        ts_model = get_ts_peft_model(copy.deepcopy(base), make_config(), TokenSelectiveConfig())
+        ts_model.model.load_state_dict(reference.state_dict(), strict=False)
+    else:
+        reference = get_peft_model(copy.deepcopy(base), config)
+        ts_model = get_ts_peft_model(copy.deepcopy(base), make_config(), TokenSelectiveConfig())
+        set_peft_model_state_dict(ts_model.model, get_peft_model_state_dict(reference))
     torch.manual_seed(2)
-    return ts_model.eval(), reference.eval(), make_inputs()
+    return ts_model.eval(), reference.eval(), base.eval(), make_inputs()
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_tau_zero_matches_peft_and_tau_inf_matches_base(case):
-    ts_model, reference, inputs = gated_and_reference(case)
+def test_tau_zero_matches_ungated_adapter_and_tau_inf_matches_base(case):
+    ts_model, reference, base, inputs = gated_and_reference(case)
     with torch.no_grad():
         expected = output_of(reference(**inputs))
         assert torch.allclose(output_of(ts_model(**inputs)), expected, atol=1e-6, rtol=0)
         assert ts_model.kept_fraction() == 1.0
         ts_model.set_thresholds(math.inf)
-        with reference.disable_adapter():
-            base = output_of(reference(**inputs))
-        assert torch.equal(output_of(ts_model(**inputs)), base)
-
-
-def test_bottleneck_adapter_gate_matches_ungated_adapter_and_base():
-    torch.manual_seed(0)
-    config = BottleneckConfig(target_modules=["lin0", "lin1"], bottleneck_size=3)
-    plain = MLP()
-    base = copy.deepcopy(plain)
-    inject_bottleneck_adapters(plain, config)
-    for name, parameter in plain.named_parameters():
-        if "adapter_up" in name:
-            nn.init.normal_(parameter)
-    ts_model = get_ts_peft_model(copy.deepcopy(base), config, TokenSelectiveConfig())
-    ts_model.model.load_state_dict(plain.state_dict(), strict=False)
-    x = torch.randn(4, 6, 12)
-    with torch.no_grad():
-        assert torch.allclose(ts_model(x), plain(x), atol=1e-6, rtol=0)
-        ts_model.set_thresholds(math.inf)
-        assert torch.equal(ts_model(x), base(x))
+        assert torch.equal(output_of(ts_model(**inputs)), output_of(base(**inputs)))
 
 
 @pytest.mark.parametrize("case", ["mlp-lora", "mlp-dora"])
 def test_adapter_gets_gradient_only_through_kept_tokens(case):
-    ts_model, _, inputs = gated_and_reference(case)
+    ts_model, _, _, inputs = gated_and_reference(case)
     x = inputs["x"]
     ts_model.train()
     with torch.no_grad():
@@ -218,7 +194,7 @@ def test_attention_mask_is_used_by_transformers_models():
 
 @pytest.mark.parametrize("case", ["mlp-lora", "mlp-dora", "bert-lora", "llama-dora"])
 def test_save_load_roundtrip_is_bit_identical(case, tmp_path):
-    ts_model, _, inputs = gated_and_reference(case)
+    ts_model, _, _, inputs = gated_and_reference(case)
     ts_model.set_thresholds({name: 0.05 * (i + 1) for i, name in enumerate(ts_model.gates)})
     ts_model.save_pretrained(tmp_path / "adapter")
     make_base = CASES[case][0]
@@ -299,7 +275,8 @@ def test_merge_refuses_unless_gate_dropping_is_accepted():
 
 @pytest.mark.parametrize("field,value,match", [
     ("tau_init", -0.1, "tau_init"), ("tau_init", float("nan"), "tau_init"), ("tau_init", float("inf"), "tau_init"),
-    ("target_kept", 0.0, "target_kept"), ("target_kept", 1.5, "target_kept"), ("target_kept", float("nan"), "target_kept"),
+    ("target_kept", 0.0, "target_kept"), ("target_kept", 1.5, "target_kept"),
+    ("target_kept", float("nan"), "target_kept"),
     ("step_size", 0.0, "step_size"), ("band", 0.9, "band"), ("ramp_steps", -1, "ramp_steps"),
 ])
 def test_bad_config_values_name_the_field(field, value, match):
@@ -323,7 +300,7 @@ def test_unknown_base_method_and_unmatched_targets():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["mlp-lora", "mlp-dora"])
 def test_edge_inputs_give_finite_outputs_and_statistics(dtype, case):
-    ts_model, _, _ = gated_and_reference(case)
+    ts_model, _, _, _ = gated_and_reference(case)
     ts_model = ts_model.to(dtype).train()
     cases = [torch.zeros(0, 12), torch.zeros(2, 1, 12), torch.randn(3, 1, 12), 300 * torch.randn(2, 4, 12)]
     for x in cases:
@@ -362,7 +339,8 @@ def test_generate_with_kv_cache_matches_stepwise_gated_forward():
         for _ in range(6):  # full forward each step, no cache
             logits = model(input_ids=stepwise, attention_mask=torch.ones_like(stepwise), use_cache=False).logits
             stepwise = torch.cat([stepwise, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert 0 < model.kept_fraction() < 1, "the thresholds must actually drop some tokens for this test to mean anything"
+    assert 0 < model.kept_fraction() < 1, "the thresholds must actually drop some tokens for this test to mean " \
+                                          "anything"
     assert torch.equal(cached, stepwise)
 
 

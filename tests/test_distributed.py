@@ -92,16 +92,14 @@ TRAIN_FLAGS = ["--method", "ts-lora", "--max-steps", "4", "--warmup-steps", "1",
 def cli_inputs(tmp_path_factory):
     """A tiny BERT without dropout (so 2 × 4 examples train exactly like 8) and a small classification file."""
     from conftest import _saved, build_tiny_tokenizer
+    from models import tiny_bert
     from test_training import write_classification
-    from transformers import BertConfig, BertForSequenceClassification
 
     folder = tmp_path_factory.mktemp("cli_inputs")
     tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=256, num_labels=2,
-                        pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    bert = _saved(folder / "bert", BertForSequenceClassification(config).eval(), tokenizer)
+    bert = _saved(folder / "bert", tiny_bert(vocab_size=len(tokenizer), intermediate_size=64,
+                                             max_position_embeddings=256, dropout=0.0,
+                                             pad_token_id=tokenizer.pad_token_id), tokenizer)
     data = write_classification(folder / "train.jsonl", n=40)
     return {"data": str(data), "model": str(bert), "folder": folder}
 
@@ -154,8 +152,9 @@ def accelerate_run(cli_inputs):
     # train on CPU with gloo. `--cpu --num_processes 2` would start ONE process (accelerate runs several CPU
     # processes only through mpirun, which is not installed): see docs/distributed.md.
     bin_dir = Path(sys.executable).parent
-    return _launch([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"],
+    return _launch([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", "0"],
                    cli_inputs, "accelerate")
 
 
@@ -181,7 +180,8 @@ def _check_launch(run, single_run):
     # every rank ends with the same τ / rule state, and that is what was saved
     assert ranks[0]["tau"] == ranks[1]["tau"] == metrics["tau_per_module"] == _saved_taus(out)
     assert ranks[0]["kept_targets"] == ranks[1]["kept_targets"] and ranks[0]["rule_step"] == ranks[1]["rule_step"] == 4
-    untimed = [{k: v for k, v in m.items() if not k.endswith("_seconds")} for m in (ranks[0]["metrics"], ranks[1]["metrics"], metrics)]
+    untimed = [{k: v for k, v in m.items() if not k.endswith("_seconds")}
+               for m in (ranks[0]["metrics"], ranks[1]["metrics"], metrics)]
     assert untimed[0] == untimed[1] == untimed[2]  # every rank evaluated the whole eval set: same accuracy / kept
     assert any(t > 0 for t in metrics["tau_per_module"].values()), "the gate must bite"
     # the global numbers equal the single-process run with the same global batch
@@ -207,7 +207,8 @@ def test_cli_train_under_accelerate_launch(accelerate_run, single_run):
 
 def test_cli_resume_matches_uninterrupted_run(cli_inputs, one_thread, tmp_path):
     """--save-steps 2 --max-steps 4, then `--resume-from-checkpoint last` after deleting checkpoint-4 (so the newest
-    is checkpoint-2). Tolerance: none — τ, kept fractions, losses and the metrics are identical (CPU, fixed data order)."""
+    is checkpoint-2). Tolerance: none — τ, kept fractions, losses and the metrics are identical (CPU, fixed data
+    order)."""
     from tspeft.cli.main import main
 
     out = tmp_path / "run"

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from models import MLP
 from tspeft import BottleneckConfig, TokenSelectiveConfig, get_ts_peft_model
 from tspeft.core.adapter import inject_bottleneck_adapters
 
@@ -47,26 +48,6 @@ def report_counts():
     print(f"\n[fuzz] examples run: {dict(RUNS)}")
 
 
-class OneLayer(nn.Module):
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__()
-        self.lin0 = nn.Linear(d_in, d_out)
-
-    def forward(self, x):
-        return self.lin0(x)
-
-
-class TwoLayers(nn.Module):
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__()
-        self.lin0 = nn.Linear(d_in, 2 * d_out)
-        self.act = nn.Tanh()
-        self.lin1 = nn.Linear(2 * d_out, d_out)
-
-    def forward(self, x):
-        return self.lin1(self.act(self.lin0(x)))
-
-
 def peft_config(method: str, targets: list[str]):
     if method == "adapter":
         return BottleneckConfig(target_modules=targets, bottleneck_size=3, non_linearity="tanh")
@@ -76,7 +57,7 @@ def peft_config(method: str, targets: list[str]):
 def build(method: str, layers: int, d_in: int, d_out: int, dtype: torch.dtype, seed: int):
     """(TS model, ungated reference with equal weights, base model): base cast to `dtype` before wrapping."""
     torch.manual_seed(seed)
-    base = (OneLayer if layers == 1 else TwoLayers)(d_in, d_out).to(dtype)
+    base = MLP(d_in, d_out, act=nn.Tanh, layers=layers).to(dtype)
     targets = ["lin0"] if layers == 1 else ["lin0", "lin1"]
     pristine = copy.deepcopy(base)
     if method == "adapter":
@@ -221,7 +202,8 @@ def test_gate_properties(case):
         if math.isfinite(before[name]):
             assert math.isfinite(tau), f"τ of {name} became {tau} from {before[name]}"
     for gate in ts_model.gates.values():
-        assert all(math.isfinite(v) for v in (gate.allocated_kept.item(), gate.loss_slope.item(), gate.band_low.item()))
+        state = (gate.allocated_kept.item(), gate.loss_slope.item(), gate.band_low.item())
+        assert all(math.isfinite(v) for v in state)
     RUNS[f"{case['method']}/{case['dtype']}/{len(lead) + 1}d"] += 1
     RUNS["total"] += 1
     if n_real == 0:

@@ -5,26 +5,17 @@ import json
 import pytest
 import torch
 from peft import LoraConfig
-from torch import nn
 
+from models import ThreeLinear
 from tspeft import BottleneckConfig, TokenSelectiveConfig, get_ts_peft_model
 from tspeft.analysis.importance import module_importance
 from tspeft.training.targets import rank_modules, top_k_modules
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
-
-    def forward(self, x):
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
-
-
 def build(dora=False, seed=0):
     torch.manual_seed(seed)
     config = LoraConfig(r=2, target_modules=["a", "b", "c"], init_lora_weights=False, use_dora=dora)
-    model = get_ts_peft_model(Tiny(), config, TokenSelectiveConfig())
+    model = get_ts_peft_model(ThreeLinear(), config, TokenSelectiveConfig())
     model.set_thresholds(0.3)
     return model
 
@@ -59,7 +50,8 @@ def test_data_criteria_count_real_tokens_only():
 
 def test_bottleneck_adapter_has_weight_criteria():
     torch.manual_seed(0)
-    model = get_ts_peft_model(Tiny(), BottleneckConfig(target_modules=["a", "c"], bottleneck_size=2), TokenSelectiveConfig())
+    model = get_ts_peft_model(ThreeLinear(), BottleneckConfig(target_modules=["a", "c"], bottleneck_size=2),
+                              TokenSelectiveConfig())
     scores = module_importance(model)
     assert set(scores["delta_weight_norm"]) == {"a", "c"}
 

@@ -12,7 +12,7 @@ from tspeft.analysis.report import write_report
 from tspeft.analysis.tokens import layer_index, layer_token_matrix, module_type
 
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
-MODULES = [f"bert.encoder.layer.{l}.attention.self.{t}" for l in range(3) for t in ("query", "value")]
+MODULES = [f"bert.encoder.layer.{layer}.attention.self.{t}" for layer in range(3) for t in ("query", "value")]
 
 
 def _make_run(path, with_masks=True, with_metrics=True, with_log=True):

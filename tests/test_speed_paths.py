@@ -15,8 +15,9 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from tspeft import TokenSelectiveConfig, get_ts_peft_model
 import tspeft.core.attach as attach
+from models import MLP
+from tspeft import TokenSelectiveConfig, get_ts_peft_model
 from tspeft.core.tau_rule import histogram_quantiles, project_onto_budget
 
 
@@ -98,21 +99,12 @@ def test_projection_handles_ties_and_a_target_under_the_floor():
 
 
 # ----- gate paths -----------------------------------------------------------------------------------------------
-class Stack(nn.Module):
-    def __init__(self, d: int, bias: bool = True):
-        super().__init__()
-        self.lin0 = nn.Linear(d, 2 * d, bias=bias)
-        self.lin1 = nn.Linear(2 * d, d, bias=bias)
-
-    def forward(self, x):
-        return self.lin1(torch.tanh(self.lin0(x)))
-
-
 def build(method: str, d: int = 16, bias: bool = True, seed: int = 0, dropout: float = 0.0):
     torch.manual_seed(seed)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], init_lora_weights=False,
                         use_dora=method == "dora", lora_dropout=dropout)
-    return get_ts_peft_model(Stack(d, bias), config, TokenSelectiveConfig(target_kept=0.5, warmup_steps=0))
+    return get_ts_peft_model(MLP(d, act=nn.Tanh, bias=bias), config,
+                             TokenSelectiveConfig(target_kept=0.5, warmup_steps=0))
 
 
 def with_output_difference_hooks(ts_model):
@@ -131,7 +123,8 @@ def median_thresholds(ts_model, x):
     rs = {}
     handles = []
     for name, gate in ts_model.gates.items():
-        handles.append(gate.register_forward_hook(lambda m, args, out, name=name: rs.__setitem__(name, args[0].flatten())))
+        handles.append(gate.register_forward_hook(
+            lambda m, args, out, name=name: rs.__setitem__(name, args[0].flatten())))
     with torch.no_grad():
         ts_model(x)
     for h in handles:
@@ -199,10 +192,12 @@ def test_lora_skip_path_equals_the_dense_masked_path(kept, dtype, monkeypatch):
         model.set_thresholds(0.0)
         rs = {}
         for name, gate in model.gates.items():  # τ per gate at the (1 − kept)-quantile of its r
-            handle = gate.register_forward_hook(lambda m, args, out, name=name: rs.__setitem__(name, args[0].flatten()))
+            handle = gate.register_forward_hook(
+                lambda m, args, out, name=name: rs.__setitem__(name, args[0].flatten()))
             model(x)
             handle.remove()
-        model.set_thresholds({n: (0.0 if kept >= 1 else (math.inf if kept <= 0 else float(r.float().quantile(1 - kept))))
+        model.set_thresholds({n: (0.0 if kept >= 1 else
+                                  (math.inf if kept <= 0 else float(r.float().quantile(1 - kept))))
                               for n, r in rs.items()})
         monkeypatch.setattr(attach.LoraDownProjectionHooks, "skip_min_elements", 0)
         monkeypatch.setattr(attach.LoraDownProjectionHooks, "skip_max_kept", 1.0)  # always skip

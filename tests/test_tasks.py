@@ -10,12 +10,27 @@ import torch
 from torch.nn import functional as F
 
 from tspeft.tasks import resources
-from tspeft.tasks.classification import (ClassificationDataset, classification_collator, evaluate_classification,
-                                         predict_classification, tokenize_classification)
+from tspeft.tasks.classification import (
+    ClassificationDataset,
+    classification_collator,
+    evaluate_classification,
+    predict_classification,
+    tokenize_classification,
+)
 from tspeft.tasks.data import TASKS, load_file, load_task, load_user_data, split_examples
-from tspeft.tasks.multiple_choice import (IGNORE_INDEX, MultipleChoiceCollator, MultipleChoiceDataset, answer_text,
-                                          evaluate_multiple_choice, format_prompt, option_log_likelihoods,
-                                          parse_answer, parse_options, score_choices, training_features)
+from tspeft.tasks.multiple_choice import (
+    IGNORE_INDEX,
+    MultipleChoiceCollator,
+    MultipleChoiceDataset,
+    answer_text,
+    evaluate_multiple_choice,
+    format_prompt,
+    option_log_likelihoods,
+    parse_answer,
+    parse_options,
+    score_choices,
+    training_features,
+)
 
 CLASSIFICATION = [
     {"text": "a fine film", "text_pair": None, "label": 1},
@@ -73,7 +88,8 @@ def test_evaluate_classification_matches_unbatched_predictions(tiny_tokenizer, t
             expected.append(int(tiny_bert(**encoded).logits.argmax(-1)))
     assert predict_classification(tiny_bert, tiny_tokenizer, CLASSIFICATION, batch_size=2, max_length=32) == expected
     accuracy = sum(p == e["label"] for p, e in zip(expected, CLASSIFICATION)) / len(CLASSIFICATION)
-    result = evaluate_classification(tiny_bert, tiny_tokenizer, CLASSIFICATION, batch_size=3, max_length=32, device="cpu")
+    result = evaluate_classification(tiny_bert, tiny_tokenizer, CLASSIFICATION, batch_size=3, max_length=32,
+                                     device="cpu")
     assert result == {"accuracy": pytest.approx(accuracy)}
 
 
@@ -82,7 +98,8 @@ def test_training_features_learn_only_the_answer(tiny_tokenizer):
     features = training_features(tiny_tokenizer, CHOICES, max_length=128, show_options=True)
     for feature, example in zip(features, CHOICES):
         prompt = tiny_tokenizer(format_prompt(example["question"], example["options"], show_options=True))["input_ids"]
-        answer = tiny_tokenizer(answer_text(example["options"][example["answer"]]), add_special_tokens=False)["input_ids"]
+        answer = tiny_tokenizer(answer_text(example["options"][example["answer"]]),
+                                add_special_tokens=False)["input_ids"]
         target = answer + [tiny_tokenizer.eos_token_id]
         assert feature["input_ids"] == prompt + target
         assert feature["labels"] == [IGNORE_INDEX] * len(prompt) + target
@@ -129,12 +146,14 @@ def test_score_choices_picks_the_highest_mean_log_prob(tiny_tokenizer, tiny_llam
     best = [max(range(len(row)), key=row.__getitem__) for row in direct]
     assert score_choices(tiny_llama, tiny_tokenizer, CHOICES, batch_size=1) == best
     accuracy = sum(b == e["answer"] for b, e in zip(best, CHOICES)) / len(CHOICES)
-    assert evaluate_multiple_choice(tiny_llama, tiny_tokenizer, CHOICES, batch_size=4) == {"accuracy": pytest.approx(accuracy)}
+    assert evaluate_multiple_choice(tiny_llama, tiny_tokenizer, CHOICES, batch_size=4) == {
+        "accuracy": pytest.approx(accuracy)}
 
 
 # ---------------------------------------------------------------------------------------------- users' files
 def test_load_file_jsonl_and_csv_classification(tmp_path):
-    rows = [{"sentence": "good", "label": "pos"}, {"sentence": "bad", "label": "neg"}, {"sentence": "meh", "label": "neutral"}]
+    rows = [{"sentence": "good", "label": "pos"}, {"sentence": "bad", "label": "neg"},
+            {"sentence": "meh", "label": "neutral"}]
     examples, names = load_file(write_jsonl(tmp_path / "d.jsonl", rows), columns={"text": "sentence"})
     assert names == ["neg", "neutral", "pos"]  # sorted strings
     assert [e["label"] for e in examples] == [2, 0, 1]
@@ -155,7 +174,8 @@ def test_load_file_multiple_choice_formats(tmp_path):
                         {"question": "q2", "options": ["x", "y", "z"], "answer": 2},
                         {"question": "q3", "options": ["one", "two"], "answer": 0}]
     path = write_csv(tmp_path / "mc.csv", ["q", "opts", "ans"], [["q", '["a", "b"]', "1"]])
-    examples, _ = load_file(path, kind="multiple_choice", columns={"question": "q", "options": "opts", "answer": "ans"})
+    examples, _ = load_file(path, kind="multiple_choice",
+                            columns={"question": "q", "options": "opts", "answer": "ans"})
     assert examples == [{"question": "q", "options": ["a", "b"], "answer": 1}]
 
 
@@ -179,7 +199,8 @@ def test_missing_column_names_the_column_and_the_columns_found(tmp_path):
 
 
 def test_bad_rows_name_the_line_and_why(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 0}, {"text": "", "label": 1}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 0},
+                                              {"text": "", "label": 1}])
     with pytest.raises(ValueError, match=r"d\.jsonl: line 3: empty or missing 'text'"):
         load_file(path)
     path = write_jsonl(tmp_path / "mc.jsonl", [{"question": "q", "options": "A. a\nB. b", "answer": "E"}])
@@ -260,7 +281,8 @@ def test_shipped_task_loads_disjoint_seeded_splits(name):
     train, evaluation = load_task(name, n_train=50, n_eval=40, seed=3)
     assert (len(train), len(evaluation)) == (50, 40)
     assert (train, evaluation) == load_task(name, n_train=50, n_eval=40, seed=3)
-    key = (lambda e: (e["text"], e["text_pair"])) if spec.kind == "classification" else (lambda e: (e["question"], tuple(e["options"])))
+    key = ((lambda e: (e["text"], e["text_pair"])) if spec.kind == "classification"
+           else (lambda e: (e["question"], tuple(e["options"]))))
     full_train, full_eval = load_task(name)
     assert not {key(e) for e in full_train} & {key(e) for e in full_eval}
     if spec.kind == "classification":

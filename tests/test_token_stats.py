@@ -3,8 +3,9 @@
 import torch
 from peft import LoraConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
+from models import tiny_bert
 from tspeft import TokenSelectiveConfig, get_ts_peft_model
 from tspeft.training.token_stats import token_kind, token_statistics
 
@@ -27,13 +28,14 @@ def test_token_kinds():
 def test_statistics_cover_real_tokens_only():
     torch.manual_seed(0)
     tok = tokenizer()
-    base = BertForSequenceClassification(BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=2,
-                                                    num_attention_heads=2, intermediate_size=32))
+    base = tiny_bert(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, max_position_embeddings=512,
+                     eval_mode=False)
     model = get_ts_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False),
                               TokenSelectiveConfig())
     model.set_thresholds(0.05)
     batch = tok(["[CLS] the film great . [SEP]", "[CLS] a dull plot , [SEP]"] * 2, padding=True, return_tensors="pt")
-    padded = tok(["[CLS] the film great . [SEP]", "[CLS] a dull plot , [SEP] [PAD] [PAD] [PAD]"] * 2, padding=True, return_tensors="pt")
+    padded = tok(["[CLS] the film great . [SEP]", "[CLS] a dull plot , [SEP] [PAD] [PAD] [PAD]"] * 2, padding=True,
+                 return_tensors="pt")
     padded["attention_mask"][1::2, -3:] = 0
     first, second = token_statistics(model, tok, [dict(batch)]), token_statistics(model, tok, [dict(padded)])
     assert first["by_kind"] == second["by_kind"]

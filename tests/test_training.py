@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from tspeft import TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
+from tspeft.training.build import build_model
 from tspeft.training.callback import ThresholdCallback, unwrap_ts_model
 from tspeft.training.data import ListDataset
-from tspeft.training.build import build_model
 from tspeft.training.evaluate import evaluate
 from tspeft.training.run_config import EvalConfig, TrainConfig
 from tspeft.training.train import train
@@ -64,7 +64,8 @@ def test_ts_lora_classification_run(tmp_path, bert_dir):
     # the log: one line per step, τ = 0 during warm-up, then it moves and the kept fraction drops
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(1, 9))
-    assert {"loss", "kept_fraction", "mean_tau", "kept_per_module", "tau_per_module", "kept_target_per_module"} <= set(log[0])
+    keys = {"loss", "kept_fraction", "mean_tau", "kept_per_module", "tau_per_module", "kept_target_per_module"}
+    assert keys <= set(log[0])
     assert log[0]["mean_tau"] == 0 and log[0]["kept_fraction"] == 1.0
     assert log[-1]["mean_tau"] > 0 and log[-1]["kept_fraction"] < 0.95
     assert any(v > 0 for v in saved["tau_per_module"].values())
