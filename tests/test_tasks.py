@@ -227,10 +227,14 @@ def test_user_data_split_is_deterministic_disjoint_and_shares_labels(tmp_path):
     assert not {e["text"] for e in first.train} & {e["text"] for e in first.eval}
     assert other_seed.eval == first.eval and other_seed.train != first.train  # seed orders train only
     assert first.label_names == ["cat", "dog"] and first.num_labels == 2
-    eval_path = write_jsonl(tmp_path / "eval.jsonl", [{"text": "x", "label": "eel"}])
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", [{"text": "x", "label": "dog"}])
     joint = load_user_data(path, eval_path, n_train=5)
-    assert joint.label_names == ["cat", "dog", "eel"]
-    assert joint.eval == [{"text": "x", "text_pair": None, "label": 2}] and len(joint.train) == 5
+    assert joint.label_names == ["cat", "dog"]
+    assert joint.eval == [{"text": "x", "text_pair": None, "label": 1}] and len(joint.train) == 5
+    # a label only the eval file has would be an untrained class: refused (issue #14)
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": "x", "label": "eel"}])
+    with pytest.raises(ValueError, match=r"unseen\.jsonl: line 1: label 'eel' is not one of the model's labels"):
+        load_user_data(path, unseen, n_train=5)
     with pytest.raises(ValueError, match="asked for 100 examples, 50 available"):
         load_user_data(path, eval_path, n_train=100)
 

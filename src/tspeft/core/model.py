@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 from typing import Any, Iterator
 
@@ -236,10 +237,14 @@ class TSPeftModel(nn.Module):
                              f"({type(self.get_base_model()).__name__}); differing: {missing[:5]}")
         weights = {_current_name(k[len("adapter."):]): v for k, v in tensors.items() if k.startswith("adapter.")}
         self._load_adapter_weights(weights, folder)
+        states = {name: _checked_gate_state({field: _saved_state(tensors, name, field, folder).reshape(())
+                                             for field in GATE_STATE}, name, folder) for name in self.gates}
+        if "gate.rule_step" not in tensors:
+            raise ValueError(f"{folder}: the adapter file holds no gate.rule_step (not a complete tspeft save)")
         with torch.no_grad():
             for name, gate in self.gates.items():
-                for field in GATE_STATE:
-                    getattr(gate, field).copy_(_saved_state(tensors, name, field, folder).reshape(()))
+                for field, value in states[name].items():
+                    getattr(gate, field).copy_(value)
             self.rule_step.copy_(tensors["gate.rule_step"].reshape(()))
 
     def _load_adapter_weights(self, weights: dict[str, torch.Tensor], folder) -> None:
@@ -274,6 +279,21 @@ def _saved_state(tensors: dict[str, torch.Tensor], gate: str, field: str, folder
         if name is not None and f"gate.{gate}.{name}" in tensors:
             return tensors[f"gate.{gate}.{name}"]
     raise ValueError(f"{folder}: the saved adapter has no {field!r} for gated module {gate!r}")
+
+
+def _checked_gate_state(state: dict[str, torch.Tensor], name: str, folder) -> dict[str, torch.Tensor]:
+    """One module's saved τ-rule state, checked: a NaN or negative τ (a damaged or hand-edited file) would
+    silently gate everything or nothing. τ = +inf is valid (set_thresholds: drop every update)."""
+    tau, kept = float(state["tau"]), float(state["allocated_kept"])
+    if not tau >= 0:  # also NaN
+        raise ValueError(f"{folder}: τ of module {name} is {tau} in the adapter file; τ must be a number >= 0")
+    if not 0 <= kept <= 1:
+        raise ValueError(f"{folder}: the allocated kept fraction u of module {name} is {kept} in the adapter "
+                         "file; it must lie in [0, 1]")
+    if not (math.isfinite(float(state["loss_slope"])) and float(state["band_low"]) >= 0
+            and float(state["band_high"]) >= 0):
+        raise ValueError(f"{folder}: the τ-rule state of module {name} is damaged (NaN or negative values)")
+    return state
 
 
 def _is_bottleneck_key(key: str, config: BottleneckConfig) -> bool:

@@ -1,8 +1,9 @@
 """Sequence classification: users' files, tokenisation, a Trainer-ready dataset and collator, and accuracy.
 
 Examples are ``{"text": str, "text_pair": str | None, "label": int}``. Users' files name the columns of the
-roles ``text``, ``text_pair`` (optional) and ``label``; labels may be integers (class ids) or strings (ids by
-the sorted distinct strings, or by given ``label_names``). ``CLASSIFICATION`` is the task kind.
+roles ``text``, ``text_pair`` (optional) and ``label``; labels may be integers or strings, and their ids come
+from a `LabelSet` (by value: the sorted distinct labels of the training file, or a saved model's set).
+``CLASSIFICATION`` is the task kind.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers import DataCollatorWithPadding
 
 from . import files
 from .kind import Example, TaskKind
+from .labels import LabelSet
 
 
 def tokenize_classification(tokenizer, examples: list[dict], max_length: int) -> list[dict[str, Any]]:
@@ -113,18 +115,8 @@ def _label_value(row: dict, column: str, path: Path, where: str) -> int | str:
 
 
 def label_vocabulary(labels: list[int | str]) -> list[str]:
-    """Label names in id order: ``0..max`` if every label is an integer, else the distinct strings sorted."""
-    kinds = {isinstance(label, int) for label in labels}
-    if len(kinds) > 1:
-        example_int = next(label for label in labels if isinstance(label, int))
-        example_str = next(label for label in labels if not isinstance(label, int))
-        raise ValueError(f"labels mix integers ({example_int!r}) and strings ({example_str!r}); use one or the other")
-    if kinds == {True}:
-        negative = [label for label in labels if label < 0]
-        if negative:
-            raise ValueError(f"integer labels must be >= 0, found {negative[0]}")
-        return [str(i) for i in range(max(labels) + 1)]
-    return sorted({str(label) for label in labels})
+    """Label names in id order: the distinct labels sorted (numbers numerically), see `LabelSet.of`."""
+    return list(LabelSet.of(labels).names)
 
 
 def _read_classification(path: Path, mapping: dict[str, str]) -> list[tuple[str, str | None, int | str, str]]:
@@ -139,17 +131,9 @@ def _read_classification(path: Path, mapping: dict[str, str]) -> list[tuple[str,
     return records
 
 
-def _classification_example(record: tuple, names: list[str], path: Path) -> Example:
+def _classification_example(record: tuple, labels: LabelSet, path: Path) -> Example:
     text, text_pair, label, where = record
-    if isinstance(label, int):  # integer labels are class ids
-        if label >= len(names):
-            raise ValueError(f"{path}: {where}: label {label} is out of range for {len(names)} classes")
-        label_id = label
-    elif str(label) in names:
-        label_id = names.index(str(label))
-    else:
-        raise ValueError(f"{path}: {where}: label {label!r} is not one of the known labels {names}")
-    return {"text": text, "text_pair": text_pair, "label": label_id}
+    return {"text": text, "text_pair": text_pair, "label": labels.id_of(label, f"{path}: {where}")}
 
 
 class ClassificationKind(TaskKind):
@@ -167,28 +151,26 @@ class ClassificationKind(TaskKind):
     default_max_length = 64
 
     def read_file(self, path: str | Path, columns: dict[str, str] | None = None,
-                  label_names: list[str] | None = None) -> tuple[list[Example], list[str] | None]:
+                  labels: LabelSet | None = None) -> tuple[list[Example], LabelSet | None]:
         path = Path(path)
         records = _read_classification(path, self.column_map(columns))
-        names = label_names if label_names is not None else label_vocabulary([r[2] for r in records])
-        return [_classification_example(record, names, path) for record in records], list(names)
+        labels = labels if labels is not None else LabelSet.of(r[2] for r in records)
+        return [_classification_example(record, labels, path) for record in records], labels
 
     def read_files(self, train_path: str | Path, eval_path: str | Path | None, columns: dict[str, str] | None = None
-                   ) -> tuple[list[Example], list[Example] | None, list[str] | None]:
-        """Label ids come from the labels of both files together, so train and eval share one mapping."""
+                   ) -> tuple[list[Example], list[Example] | None, LabelSet | None]:
+        """The train file's labels are the model's (by value, `tspeft.tasks.labels`); an eval label the train
+        file lacks is an error (the model could never predict it), as is a number where they are names."""
         mapping = self.column_map(columns)
-        train_records = _read_classification(Path(train_path), mapping)
-        eval_records = _read_classification(Path(eval_path), mapping) if eval_path else []
-        names = label_vocabulary([r[2] for r in train_records + eval_records])
-        train = [_classification_example(r, names, Path(train_path)) for r in train_records]
-        evaluation = [_classification_example(r, names, Path(eval_path)) for r in eval_records] if eval_path else None
-        return train, evaluation, names
+        train, labels = self.read_file(train_path, mapping)
+        evaluation = self.read_file(eval_path, mapping, labels)[0] if eval_path else None
+        return train, evaluation, labels
 
-    def num_labels(self, label_names: list[str] | None, examples: list[Example]) -> int | None:
-        if label_names:
-            return len(label_names)
-        labels = [example["label"] for example in examples]
-        return max(labels) + 1 if labels else 2
+    def num_labels(self, labels: LabelSet | None, examples: list[Example]) -> int | None:
+        if labels is not None:
+            return len(labels)
+        ids = [example["label"] for example in examples]
+        return max(ids) + 1 if ids else 2
 
     def features(self, tokenizer, examples: list[Example], max_length: int) -> list[dict[str, Any]]:
         return tokenize_classification(tokenizer, examples, max_length)

@@ -25,6 +25,7 @@ from typing import Callable
 from . import files, resources
 from .kind import Example
 from .kinds import get_kind
+from .labels import LabelSet
 from .multiple_choice import MULTIPLE_CHOICE
 
 SPLIT_SEED = 1234
@@ -225,43 +226,53 @@ def load_task(name: str, n_train: int | None = None, n_eval: int | None = None,
 # ----------------------------------------------------------------------------------------- users' own files
 @dataclass
 class UserData:
-    """Examples read from users' files; ``label_names[i]`` is the original label of class id ``i``."""
+    """Examples read from users' files; ``labels.values[i]`` is the original label of class id ``i``."""
 
     kind: str
     train: list[Example]
     eval: list[Example]
-    label_names: list[str] | None = None
+    labels: LabelSet | None = None
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return list(self.labels.names) if self.labels is not None else None
 
     @property
     def num_labels(self) -> int | None:
-        return len(self.label_names) if self.label_names else None
+        return len(self.labels) if self.labels is not None else None
 
 
 def load_file(path: str | Path, kind: str = "classification", columns: dict[str, str] | None = None,
-              label_names: list[str] | None = None) -> tuple[list[Example], list[str] | None]:
+              labels: LabelSet | None = None) -> tuple[list[Example], list[str] | None]:
     """Examples from one JSONL/CSV file, and (classification) the label names in id order.
 
     ``columns`` maps roles to the file's column names (the roles of each kind: ``tspeft.tasks.kinds``), e.g.
     classification ``text``, ``text_pair`` (optional) and ``label``; multiple choice ``question``, ``options``,
-    ``answer``. Raises ValueError naming the file and the missing column (with the columns found) or the bad
-    line and why.
+    ``answer``. ``labels``: a saved model's label set; the file's labels are mapped through it by value (one
+    it lacks is an error). Raises ValueError naming the file and the missing column (with the columns found)
+    or the bad line and why.
     """
-    return get_kind(kind).read_file(path, columns, label_names)
+    examples, found = get_kind(kind).read_file(path, columns, labels)
+    return examples, list(found.names) if found is not None else None
 
 
 def load_user_data(train_path: str | Path, eval_path: str | Path | None = None, kind: str = "classification",
                    columns: dict[str, str] | None = None, n_train: int | None = None, n_eval: int | None = None,
-                   seed: int = 0, eval_fraction: float = EVAL_FRACTION) -> UserData:
+                   seed: int = 0, eval_fraction: float = EVAL_FRACTION, trains: bool = True) -> UserData:
     """Train and eval examples from users' files (what ``--data`` / ``--eval-data`` load).
 
     Without ``eval_path`` the train file is split like a one-file shipped set: a fixed shuffle, the first
-    ``n_eval`` (default ``eval_fraction``) rows for eval, the rest to train on. Classification label ids come
-    from the labels of both files together, so train and eval share one mapping.
+    ``n_eval`` (default ``eval_fraction``) rows for eval, the rest to train on. Kinds with labels: the train
+    file's label set, through which the eval file is read. With ``trains`` (the examples are to be trained
+    on) the label set becomes the classes of the chosen training examples: two or more, and every eval label
+    among them, since an untrained class could never be predicted (`LabelSet.fit_training`).
     """
     task_kind = get_kind(kind)
-    train_pool, eval_pool, names = task_kind.read_files(train_path, eval_path, columns)
+    train_pool, eval_pool, labels = task_kind.read_files(train_path, eval_path, columns)
     if eval_pool is None:
         train_pool, eval_pool = split_examples(train_pool, n_eval, eval_fraction, source=str(train_path))
         n_eval = None
     train, evaluation = _select(train_pool, eval_pool, n_train, n_eval, seed, str(train_path))
-    return UserData(task_kind.name, train, evaluation, names)
+    if labels is not None and trains:
+        labels, train, evaluation = labels.fit_training(train, evaluation, task_kind.gold_role, str(train_path))
+    return UserData(task_kind.name, train, evaluation, labels)

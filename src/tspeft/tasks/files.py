@@ -7,23 +7,25 @@ Rows are plain dicts with an extra ``_where`` ("line N", "item N") that error me
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
+
+from .encoding import read_text
 
 
 def read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {line_number} is not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {line_number} is a JSON {type(row).__name__}, expected an object")
-            rows.append({**row, "_where": f"line {line_number}"})
+    for line_number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {line_number} is not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {line_number} is a JSON {type(row).__name__}, expected an object")
+        rows.append({**row, "_where": f"line {line_number}"})
     return rows
 
 
@@ -34,15 +36,18 @@ def read_rows(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
-        rows = json.loads(path.read_text(encoding="utf-8"))
+    if suffix == ".json" and read_text(path).lstrip().startswith("["):
+        try:
+            rows = json.loads(read_text(path))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {error.lineno} is not valid JSON ({error.msg})") from None
         if not all(isinstance(row, dict) for row in rows):
             raise ValueError(f"{path}: a JSON list must hold one object per example")
         return [{**row, "_where": f"item {i}"} for i, row in enumerate(rows, start=1)]
     if suffix in (".jsonl", ".json", ".ndjson"):
         return read_jsonl(path)
     if suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as handle:
+        with io.StringIO(read_text(path), newline="") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
             rows = []
             for row in reader:

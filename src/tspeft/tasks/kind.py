@@ -1,7 +1,7 @@
 """What a kind of task is: one object that knows its examples, features, collator, scoring and model.
 
     kind = get_kind("classification")                       # tspeft.tasks.kinds: the registry
-    examples, label_names = kind.read_file("train.jsonl", {"text": "sentence"})
+    examples, labels = kind.read_file("train.jsonl", {"text": "sentence"})     # labels: a LabelSet (or None)
     features = kind.features(tokenizer, examples, max_length=64)     # Trainer-ready, one dict per example
     batch = kind.collator(tokenizer)(features[:8])                   # padded tensors
     accuracy = kind.evaluate(model, tokenizer, examples, batch_size=64, max_length=64, device="cpu")["accuracy"]
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import files
+from .labels import LabelSet
 
 Example = dict[str, Any]
 
@@ -67,8 +68,10 @@ class TaskKind:
         raise NotImplementedError
 
     def read_file(self, path: str | Path, columns: dict[str, str] | None = None,
-                  label_names: list[str] | None = None) -> tuple[list[Example], list[str] | None]:
-        """Examples of one JSONL/CSV file and, for kinds with labels, the label names in id order."""
+                  labels: LabelSet | None = None) -> tuple[list[Example], LabelSet | None]:
+        """Examples of one JSONL/CSV file and, for kinds with labels, their label set (`tspeft.tasks.labels`):
+        ``labels`` when given (a saved model's: the file's labels are mapped through it by value), else the
+        file's own."""
         path = Path(path)
         mapping = self.column_map(columns)
         rows = files.read_rows(path)
@@ -76,14 +79,14 @@ class TaskKind:
         return [self.example_from_row(row, mapping, path, row["_where"]) for row in rows], None
 
     def read_files(self, train_path: str | Path, eval_path: str | Path | None, columns: dict[str, str] | None = None
-                   ) -> tuple[list[Example], list[Example] | None, list[str] | None]:
-        """``(train examples, eval examples or None, label names)`` of a train file and an optional eval file
-        (kinds with labels give both files one shared label mapping)."""
-        train, names = self.read_file(train_path, columns)
-        evaluation = self.read_file(eval_path, columns, names)[0] if eval_path else None
-        return train, evaluation, names
+                   ) -> tuple[list[Example], list[Example] | None, LabelSet | None]:
+        """``(train examples, eval examples or None, label set)`` of a train file and an optional eval file
+        (kinds with labels: the train file's label set, through which the eval file is read)."""
+        train, labels = self.read_file(train_path, columns)
+        evaluation = self.read_file(eval_path, columns, labels)[0] if eval_path else None
+        return train, evaluation, labels
 
-    def num_labels(self, label_names: list[str] | None, examples: list[Example]) -> int | None:
+    def num_labels(self, labels: LabelSet | None, examples: list[Example]) -> int | None:
         """Number of classes of a head (None for kinds without a head)."""
         return None
 

@@ -12,6 +12,7 @@ Cache root: ``$TSPEFT_CACHE`` if set, else ``~/.cache/tspeft``. Layout::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -176,6 +177,21 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+@contextlib.contextmanager
+def quiet_load_report():
+    """Hold back transformers' load report ("... newly initialized", MISSING) inside the block: when a saved
+    adapter brings the head, that report would tell the user of a random head that is never used."""
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    drop = lambda record: "LOAD REPORT" not in record.getMessage()  # noqa: E731
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def load_model_and_tokenizer(name_or_path: str, kind: str, num_labels: int = 2):
     """Load ``(model, tokenizer)`` for ``kind`` "classification" (sequence classification head) or "causal_lm".
 
@@ -187,6 +203,8 @@ def load_model_and_tokenizer(name_or_path: str, kind: str, num_labels: int = 2):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model(name_or_path)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise ValueError(f"{name_or_path} is not a model folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

@@ -20,6 +20,7 @@ from ..tasks import data as tasks_data
 from ..tasks.files import read_rows
 from ..tasks.kind import TaskKind
 from ..tasks.kinds import TASK_KINDS, get_kind, kind_for_columns
+from ..tasks.labels import LabelSet
 
 
 @dataclass
@@ -30,12 +31,16 @@ class TaskData:
     kind: TaskKind
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
-    label_names: list[str] | None = None  # classification: label id -> name
+    labels: LabelSet | None = None  # kinds with labels: class id -> label value and name (tspeft.tasks.labels)
     notes: list[str] = field(default_factory=list)
 
     @property
+    def label_names(self) -> list[str] | None:
+        return list(self.labels.names) if self.labels is not None else None
+
+    @property
     def num_labels(self) -> int | None:
-        return self.kind.num_labels(self.label_names, self.train + self.eval)
+        return self.kind.num_labels(self.labels, self.train + self.eval)
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -67,11 +72,12 @@ def _role_columns(cfg, kind: TaskKind) -> dict[str, str]:
     return {role: columns[role] for role in kind.roles if columns.get(role) is not None}
 
 
-def load_data(cfg, label_names: list[str] | None = None, kind: str | TaskKind | None = None) -> TaskData:
+def load_data(cfg, labels: LabelSet | None = None, kind: str | TaskKind | None = None) -> TaskData:
     """The run's examples: a shipped task (`cfg.task`) or user files (`cfg.data`, `cfg.eval_data`).
 
-    With `label_names` (evaluating a saved run) and only an eval file, that file is read with the run's
-    label mapping. `kind` (a saved run's) skips guessing the kind of a user's file from its columns.
+    `labels` (evaluating a saved run: its label set): the eval examples are mapped through it by value, and
+    a label it lacks is an error. `kind` (a saved run's) skips guessing the kind of a user's file from its
+    columns.
     """
     if cfg.task:
         spec = tasks_data.get_task(cfg.task)
@@ -79,15 +85,35 @@ def load_data(cfg, label_names: list[str] | None = None, kind: str | TaskKind | 
                                                  seed=cfg.seed)
         if cfg.n_train == 0:
             train = []
-        return TaskData(cfg.task, get_kind(spec.kind), train, evaluation,
-                        list(spec.label_names) if spec.label_names else None)
+        task_labels = LabelSet.for_task(spec.label_names) if spec.label_names else None
+        if labels is not None and task_labels is not None and labels != task_labels:
+            evaluation = [{**ex, "label": labels.translate(ex["label"], task_labels, f"task {cfg.task}")}
+                          for ex in evaluation]
+        return TaskData(cfg.task, get_kind(spec.kind), train, evaluation, labels or task_labels)
     task_kind = get_kind(kind) if kind else data_kind(cfg)
     columns = _role_columns(cfg, task_kind)
     if cfg.data is None:  # evaluation of a saved run on one file
-        evaluation, names = task_kind.read_file(cfg.eval_data, columns, label_names)
+        evaluation, found = task_kind.read_file(cfg.eval_data, columns, labels)
         if cfg.n_eval:
             evaluation = evaluation[:cfg.n_eval]
-        return TaskData(Path(cfg.eval_data).stem, task_kind, [], evaluation, names)
+        return TaskData(Path(cfg.eval_data).stem, task_kind, [], evaluation, found)
+    if labels is not None:  # a saved run's own split: the same examples, read through its label set
+        user = tasks_data.load_user_data(cfg.data, cfg.eval_data, task_kind.name, columns, n_train=cfg.n_train or None,
+                                         n_eval=cfg.n_eval, seed=cfg.seed, trains=False)
+        # (training examples of a class the run dropped are left out: they are not scored)
+        return TaskData(Path(cfg.data).stem, task_kind, _relabel(user.train, user.labels, labels, task_kind),
+                        _relabel(user.eval, user.labels, labels, task_kind, strict=True), labels)
     user = tasks_data.load_user_data(cfg.data, cfg.eval_data, task_kind.name, columns, n_train=cfg.n_train or None,
                                      n_eval=cfg.n_eval, seed=cfg.seed)
-    return TaskData(Path(cfg.data).stem, task_kind, user.train, user.eval, user.label_names)
+    return TaskData(Path(cfg.data).stem, task_kind, user.train, user.eval, user.labels)
+
+
+def _relabel(examples: list[dict], found: LabelSet, saved: LabelSet, kind: TaskKind, strict: bool = False
+             ) -> list[dict]:
+    """Examples labelled by the file's own label set, in the ids of a saved run's set (by value); `strict`:
+    a label the saved set lacks is an error, else the example is left out."""
+    if found == saved:
+        return examples
+    role = kind.gold_role
+    known = examples if strict else [ex for ex in examples if found.values[ex[role]] in saved.values]
+    return [{**ex, role: saved.translate(ex[role], found, "the run's data")} for ex in known]

@@ -11,12 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..tasks.resources import quiet_load_report
 from .build import load_base
 from .data import load_data
 from .defaults import DEFAULTS
 from .measure import evaluate_model
 from .run_config import EvalConfig, precision, resolve_device
-from .run_folder import TS_CONFIG, is_token_selective, json_safe, load_adapter, read_metrics
+from .run_folder import TS_CONFIG, is_token_selective, json_safe, load_adapter, read_labels, read_metrics
 from .wrappers import unwrap_ts_model
 
 
@@ -63,12 +64,13 @@ def evaluate(args) -> dict[str, Any]:
     model_name = _base_model_name(cfg, folder, run)
     cfg = _data_inputs(cfg, run)
     kind = run.get("task_kind")
-    task_data = load_data(cfg, label_names=run.get("label_names"), kind=kind)
+    task_data = load_data(cfg, labels=read_labels(folder, run), kind=kind)
     if kind and task_data.kind.name != kind:
         raise ValueError(f"the adapter was trained for {kind}, but the data is {task_data.kind.name}")
     task_kind = task_data.kind
     device = resolve_device(cfg.device)
-    base, tokenizer = load_base(model_name, task_kind, run.get("num_labels") or task_data.num_labels)
+    with quiet_load_report():  # the head comes from the adapter: no "newly initialized" report
+        base, tokenizer = load_base(model_name, task_kind, run.get("num_labels") or task_data.num_labels)
     model = load_adapter(base, folder, method)
     max_length = cfg.max_length or run.get("max_length") or task_kind.default_max_length
     batch_size = cfg.batch_size or (run.get("batch_size") or task_kind.default_batch_size) * DEFAULTS.eval_batch_factor

@@ -1,6 +1,9 @@
 """The run folder: every file name a run writes, and the adapter / checkpoint I/O.
 
     <out>/
+        run_state.json      {"state": "running"} while the run is written, {"state": "complete", ...} once it is
+                            published (see tspeft.training.staging: runs are written into a staging folder)
+        labels.json         kinds with labels: the label set (values and names in id order), part of the model
         metrics.json        task, model, method, seed, accuracy, kept_fraction (on the eval set; 1.0 dense; null
                             for none), per_module, train_seconds, trainable_params, target_kept, τ, sizes, ...
         train_log.jsonl     one line per logging step (see callback.py)
@@ -17,26 +20,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.adapter import BottleneckConfig, inject_bottleneck_adapters
 from ..core.io import MANIFEST, atomic_write
 from ..core.model import TSPeftModel
+from ..tasks.labels import LabelSet
 from .wrappers import unwrap_ts_model
 
+RUN_STATE = "run_state.json"
+LABELS = "labels.json"
 METRICS = "metrics.json"
 TRAIN_LOG = "train_log.jsonl"
 TOKEN_MASKS = "token_masks.json"
 TOKEN_STATS = "token_stats.json"
 TS_CONFIG = MANIFEST  # a token-selective adapter's manifest (tspeft.core.io)
 PEFT_CONFIG = "adapter_config.json"  # a peft adapter (for a ts-* folder: the stub that stops plain peft)
+PEFT_WEIGHTS = "adapter_model.safetensors"
 RUN_MANIFEST = "run_manifest.json"
 DENSE_WEIGHTS = "trainable_weights.safetensors"
 CHECKPOINTS = "checkpoints"
@@ -66,6 +76,17 @@ def read_metrics(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def read_labels(folder: Path, run: dict[str, Any]) -> LabelSet | None:
+    """A run's label set: labels.json, or (runs written before it existed) rebuilt from metrics.json."""
+    path = Path(folder) / LABELS
+    if not path.is_file():
+        return LabelSet.from_run_metrics(run)
+    try:
+        return LabelSet.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is corrupt (not valid JSON: {error.msg})") from None
+
+
 def is_token_selective(folder: Path) -> bool:
     return (Path(folder) / TS_CONFIG).is_file()
 
@@ -88,12 +109,36 @@ def save_adapter(model: nn.Module, method: str, out: Path) -> None:
         atomic_write(out / RUN_MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
 
 
+def _readable_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; ValueError naming it if it is missing, truncated or not safetensors."""
+    if not path.is_file():
+        raise ValueError(f"{path.parent}: the adapter weights {path.name} are missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is corrupt or truncated (not readable as safetensors: {error})") from None
+
+
+@contextlib.contextmanager
+def _fits(folder: Path):
+    """torch's size-mismatch RuntimeError (a head or a rank of another size) as one ValueError line."""
+    try:
+        yield
+    except RuntimeError as error:
+        mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        if not mismatches:
+            raise
+        more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+        raise ValueError(f"{folder}: the saved adapter weights do not fit the base model: {mismatches[0]}{more}") from None
+
+
 def _load_trainable_weights(target: nn.Module, folder: Path, misfit: str) -> None:
-    weights = load_file(folder / json.loads((folder / RUN_MANIFEST).read_text())["weights"])
+    weights = _readable_weights(folder / json.loads((folder / RUN_MANIFEST).read_text())["weights"])
     missing = set(weights) - set(target.state_dict())
     if missing:
         raise ValueError(f"{folder}: {misfit}: {sorted(missing)[:3]}")
-    target.load_state_dict(weights, strict=False)
+    with _fits(folder):
+        target.load_state_dict(weights, strict=False)
 
 
 def load_adapter(base: nn.Module, folder: Path, method: str) -> nn.Module:
@@ -101,7 +146,9 @@ def load_adapter(base: nn.Module, folder: Path, method: str) -> nn.Module:
     if (folder / TS_CONFIG).is_file():
         return TSPeftModel.from_pretrained(base, folder, is_trainable=False)
     if (folder / PEFT_CONFIG).is_file():
-        return PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+        _readable_weights(folder / PEFT_WEIGHTS)
+        with _fits(folder):
+            return PeftModel.from_pretrained(base, str(folder), is_trainable=False)
     if (folder / RUN_MANIFEST).is_file():
         manifest = json.loads((folder / RUN_MANIFEST).read_text())
         if manifest.get("bottleneck_config"):

@@ -26,7 +26,7 @@ from .data import TaskData, column_names, load_data
 from .fit import Fitted, fit, training_arguments
 from .measure import measure_run
 from .run_config import TrainConfig, TrainPlan, check_method, precision, resolve_device, resolve_train
-from .run_folder import CHECKPOINTS, METRICS, json_safe, resolve_checkpoint, save_adapter, write_json
+from .run_folder import CHECKPOINTS, LABELS, METRICS, json_safe, resolve_checkpoint, save_adapter, write_json
 from .wrappers import unwrap_ts_model
 
 
@@ -47,6 +47,8 @@ def train(args) -> dict[str, Any]:
     precision(device, cfg.bf16)  # refuses --bf16 on a GPU without bfloat16 before anything is loaded
     set_seed(cfg.seed)
     task_data = load_data(cfg)
+    if task_data.labels is not None and task_data.train:
+        task_data.labels.require_classes((ex[task_data.kind.gold_role] for ex in task_data.train), task_data.name)
     plan = resolve_train(cfg, task_data)
     if resume and (plan.zero_shot or not task_data.train):
         raise ValueError(f"--resume-from-checkpoint: this run trains nothing ({cfg.method} on {task_data.name})")
@@ -66,6 +68,8 @@ def train(args) -> dict[str, Any]:
     evaluation = measure_run(fitted.model, tokenizer, task_data, plan, device, cfg.bf16, out if is_main else None)
     if is_main:
         save_adapter(fitted.model, cfg.method, out)
+        if task_data.labels is not None:
+            write_json(out / LABELS, task_data.labels.to_json())
 
     ts_model = unwrap_ts_model(fitted.model)
     metrics = json_safe(run_metrics(cfg, plan, task_data, fitted, evaluation, ts_model, parameters,
