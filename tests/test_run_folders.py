@@ -49,7 +49,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def staging_of(out: Path) -> Path:
-    from tspeft.training.train import staging_folder
+    from tspeft.training.staging import staging_folder
 
     return staging_folder(out)
 
@@ -129,7 +129,7 @@ def test_killed_run_can_be_resumed_and_is_refused_until_then(setup, tmp_path, ca
     code, _, _ = run_cli([*train, "--resume-from-checkpoint", "last", "--out", out], capsys)
     assert code == 0 and not staging.exists()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["train_steps"] == 3 and metrics["resumed_from"].endswith("checkpoint-2")
+    assert metrics["train_steps"] == 3 and metrics["resumed_from"].endswith("checkpoint-1")  # step 2 was not saved
     assert json.loads((out / "run_state.json").read_text())["state"] == "complete"
 
 
@@ -184,6 +184,9 @@ def test_out_at_a_file_or_in_a_read_only_folder_is_one_line(setup, tmp_path, cap
     a_file.write_text("mine")
     line = fails_in_one_line(["train", *flags, "--method", "lora", "--max-steps", "1", "--out", a_file], capsys)
     assert f"--out {a_file}: is a file" in line and a_file.read_text() == "mine"
+    line = fails_in_one_line(["train", *flags, "--method", "lora", "--max-steps", "1", "--out", a_file / "run"],
+                             capsys)
+    assert str(a_file) in line and "Not a directory" in line and a_file.read_text() == "mine"
     if os.geteuid() == 0:
         pytest.skip("root ignores folder permissions")
     locked = tmp_path / "locked"

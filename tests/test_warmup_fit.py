@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
 
 
 def test_fitting_schedule_caps_warmup_and_ramp():
-    from tspeft.training.train import fit_gate_schedule
+    from tspeft.training.run_config import fit_gate_schedule
 
     settle = DEFAULTS.gate_settle_steps
     assert fit_gate_schedule(20, 0, total_steps=1000) == (20, 0, True)

@@ -27,6 +27,7 @@ from ..training.data import load_data
 from ..training.run_config import TrainConfig
 from ..tasks.resources import quiet_load_report
 from ..training.run_folder import IMPORTANCE, METRICS, TS_CONFIG, load_adapter, read_labels
+from ..training.staging import require_complete
 from ..training.targets import rank_modules
 from . import plots
 
@@ -81,6 +82,7 @@ def module_importance(model: TSPeftModel, batches: Iterable[dict] | None = None,
 def importance_for_run(run_dir: Path, n_batches: int = 20, seed: int = 0, out: Path | None = None) -> dict:
     """Rank the modules of a `tspeft train` run folder of a ts-* method; writes JSON and a plot."""
     run_dir = Path(run_dir)
+    require_complete(run_dir, "--adapter")
     if not (run_dir / TS_CONFIG).is_file():
         raise ValueError(f"{run_dir} is not a token-selective adapter folder (no ts_config.json): importance "
                          "needs the learned token sparsity of a ts-* run")
@@ -96,6 +98,10 @@ def importance_for_run(run_dir: Path, n_batches: int = 20, seed: int = 0, out: P
     with quiet_load_report():  # the head comes from the adapter
         base, tokenizer = load_base(run["model"], task_data.kind, run.get("num_labels") or task_data.num_labels)
     model = load_adapter(base, run_dir, run["method"])
+    if model.gates and all(tau == 0 for tau in model.thresholds().values()):
+        raise ValueError(f"{run_dir}: every module's τ is 0: the gate of this run never bit (its warm-up covered "
+                         f"all {run.get('train_steps')} steps?), so every module keeps every token and nothing "
+                         "ranks them; train it longer")
     features = task_data.kind.features(tokenizer, task_data.train, run.get("max_length") or 64)
     collate = task_data.kind.collator(tokenizer)
     size = run.get("batch_size") or 32

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..core.io import atomic_write
 from ..training.run_folder import METRICS, REPORT, REPORT_FIGURES, TOKEN_MASKS, TOKEN_STATS, TRAIN_LOG
+from ..training.staging import require_complete
 from . import plots
 from .tokens import group_by_layer, layer_index, layer_token_matrix, module_type, to_float
 
@@ -50,6 +51,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def load_run(run_dir: str | os.PathLike) -> RunData:
     """Read the run folder; raises ValueError if neither metrics.json nor train_log.jsonl exists."""
     run_dir = Path(run_dir)
+    require_complete(run_dir, "run folder")
     if not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} does not exist or is not a directory")
     mpath, lpath, tpath = run_dir / METRICS, run_dir / TRAIN_LOG, run_dir / TOKEN_MASKS

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
 from ..core.io import atomic_write
+from ..training.run_folder import REPORT
 from .commands import fmt, is_main_process, write_report
 
 
@@ -43,31 +46,63 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_compare(args) -> int:
-    from ..training.train import train
+    """Every run is trained into the comparison's staging folder, which is published at --out once the table
+    is written (tspeft.training.staging): a finished comparison there is refused unless --overwrite, and an
+    interrupted one leaves the previous comparison as it was."""
+    from ..training import staging
 
     name = args.task or Path(args.data).stem
     out = Path(args.out or f"runs/compare-{name}")
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under a launcher only rank 0 writes
+    if not main_rank:
+        _run_all(args, out, out)
+        return 0
+    staging.check_out(out, overwrite=args.overwrite, resume=False, what="comparison")
+    folder = staging.begin(out, resume=False, what="comparison")
+    try:
+        runs, reports = _run_all(args, folder, out)
+        table = _write_tables(args, name, runs, reports, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    staging.publish(folder, out, {"kind": "comparison", "methods": args.methods, "seeds": args.seeds, "task": name})
+    print()
+    print(table)
+    print(f"\n[tspeft] wrote {out / 'compare.md'} and {out / 'compare.json'}")
+    for report in reports:
+        print(f"[tspeft] report: {report}")
+    return 0
+
+
+def _run_all(args, folder: Path, out: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Train every method × seed into `folder` (the runs' paths are given as they will be under `out`)."""
+    from ..training.train import train
+
     runs, reports = [], []
     plan = [(method, seed) for method in args.methods for seed in args.seeds]
     is_main = True  # known after the first train() (under a launcher every rank runs every run; rank 0 reports)
     for i, (method, seed) in enumerate(plan, 1):
-        run_dir = out / f"{method}-s{seed}"
+        run_dir = folder / f"{method}-s{seed}"
         if is_main:
-            print(f"[tspeft] compare run {i}/{len(plan)}: {method} seed {seed} -> {run_dir}", flush=True)
-        run_args = argparse.Namespace(**{**vars(args), "method": method, "seed": seed, "out": str(run_dir)})
+            print(f"[tspeft] compare run {i}/{len(plan)}: {method} seed {seed} -> {out / run_dir.name}", flush=True)
+        run_args = argparse.Namespace(**{**vars(args), "method": method, "seed": seed, "out": str(run_dir),
+                                         "overwrite": False})
         metrics = train(run_args)
         is_main = is_main_process()
-        metrics["run_dir"] = str(run_dir)
+        metrics["run_dir"] = str(out / run_dir.name)
         runs.append(metrics)
         if not is_main:
             continue
         print(f"[tspeft]   accuracy {fmt(metrics['accuracy'])}  kept {fmt(metrics['kept_fraction'], 3)}  "
               f"train {metrics['train_seconds']:.1f} s", flush=True)
         if method.startswith("ts-") and not args.no_report:
-            reports.append(str(write_report(run_dir)))
-    if not is_main:
-        return 0
-    out.mkdir(parents=True, exist_ok=True)
+            write_report(run_dir)
+            reports.append(str(out / run_dir.name / REPORT))
+    return runs, reports
+
+
+def _write_tables(args, name: str, runs: list[dict[str, Any]], reports: list[str], folder: Path) -> str:
+    """compare.md and compare.json into `folder`; returns the summary table."""
     rows = summarise(runs, args.methods)
     table = comparison_table(rows)
     first = runs[0]
@@ -78,13 +113,9 @@ def cmd_compare(args) -> int:
     per_run += [f"| {r['method']} | {r['seed']} | {fmt(r['accuracy'])} | {fmt(r['kept_fraction'], 3)} | "
                 f"{r['train_seconds']:.1f} | {r['run_dir']} |" for r in runs]
     markdown = header + table + "\n" + "\n".join(per_run) + "\n"
-    atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
+    atomic_write(folder / "compare.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
     summary = {"task": name, "methods": args.methods, "seeds": args.seeds, "summary": rows, "runs": runs,
                "reports": reports}
-    atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
-    print()
-    print(table)
-    print(f"\n[tspeft] wrote {out / 'compare.md'} and {out / 'compare.json'}")
-    for report in reports:
-        print(f"[tspeft] report: {report}")
-    return 0
+    atomic_write(folder / "compare.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
+    return table
+

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..tasks.data import TASKS
 from ..tasks.resources import EMBEDDED_MODELS
 from ..training.defaults import DEFAULTS, METHODS
-from ..training.run_folder import CHECKPOINTS, resolve_checkpoint
+from ..training.staging import staging_folder
 
 USAGE = """The `tspeft` command.
 
@@ -155,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-steps", type=_positive_int, help="write a Trainer checkpoint (adapter, τ state, optimizer, "
                    "scheduler, RNG) every N optimizer steps into DIR/checkpoints/checkpoint-N")
     p.add_argument("--resume-from-checkpoint", metavar="CKPT|last", help="continue a run from a checkpoint: a "
-                   "checkpoint-N folder, a folder of them (the newest), or 'last' (newest in --out's checkpoints)")
+                   "checkpoint-N folder, a folder of them (the newest whole one), or 'last' (the newest of the "
+                   "unfinished run into --out)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run at --out (whole); without it "
+                   "such a run is refused")
 
     p = sub.add_parser("eval", help="evaluate a saved adapter")
     p.add_argument("--adapter", required=True, metavar="DIR", help="a run folder written by `tspeft train`")
@@ -167,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     _add_train_flags(p)
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/compare-<task>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished comparison at --out (whole)")
     p.add_argument("--no-report", action="store_true", help="do not write report.html for the ts-* runs")
 
     p = sub.add_parser("importance", help="rank a TS adapter's modules: learned token sparsity vs weight criteria")
@@ -216,11 +220,6 @@ def _check_train_flags(parser: argparse.ArgumentParser, args) -> None:
         sub.error("arguments --modules-from and --top-k: give both or neither")
     if args.command == "train" and args.modules_from and not Path(args.modules_from).is_file():
         sub.error(f"argument --modules-from: no such file {args.modules_from!r}")
-    if args.command == "train" and args.resume_from_checkpoint:
-        try:
-            resolve_checkpoint(args.resume_from_checkpoint, Path(args.out) / CHECKPOINTS)
-        except ValueError as error:
-            sub.error(f"argument {error}")
 
 
 def _check_model_flag(sub: argparse.ArgumentParser, args) -> None:
@@ -268,6 +267,6 @@ def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Nam
     elif args.command == "eval":
         _check_data_flags(parser, args, eval_only=True)
         _check_model_flag(parser._tspeft_sub["eval"], args)
-        if not Path(args.adapter).is_dir():
+        if not Path(args.adapter).is_dir() and not staging_folder(Path(args.adapter)).is_dir():
             parser._tspeft_sub["eval"].error(f"argument --adapter: no such folder: {args.adapter}")
     return parser, args

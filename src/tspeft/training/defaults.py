@@ -55,6 +55,10 @@ class Defaults:
     epochs: float = 2.0
     target_kept: float = 0.7
     warmup_steps: int = 20
+    # Steps a ts-* run keeps at its full kept target after the warm-up and ramp; shorter runs get their warm-up
+    # cut (run_config.fit_gate_schedule). With τ smoothing 0.5, τ covers 1 - 0.5^5 = 97 % of the way to the
+    # threshold the rule asks for in 5 steps.
+    gate_settle_steps: int = 5
     ramp_fraction: float = 0.0  # kept target ramps 1 -> target_kept over this share of the steps (after warm-up)
     logging_steps: int = 10
     weight_decay: float = 0.0

@@ -18,6 +18,7 @@ from .defaults import DEFAULTS
 from .measure import evaluate_model
 from .run_config import EvalConfig, precision, resolve_device
 from .run_folder import TS_CONFIG, is_token_selective, json_safe, load_adapter, read_labels, read_metrics
+from .staging import require_complete
 from .wrappers import unwrap_ts_model
 
 
@@ -57,6 +58,7 @@ def evaluate(args) -> dict[str, Any]:
     """Load the adapter in `args.adapter` onto its base model and evaluate it (accuracy, kept fraction)."""
     cfg = args if isinstance(args, EvalConfig) else EvalConfig.from_namespace(args)
     folder = Path(cfg.adapter)
+    require_complete(folder, "--adapter")
     if not folder.is_dir():
         raise ValueError(f"--adapter {folder}: no such folder")
     run = read_metrics(folder)

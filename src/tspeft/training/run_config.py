@@ -68,6 +68,7 @@ class TrainConfig(RunInputs):
     criterion: str = "kept_fraction"
     save_steps: int | None = None  # Trainer checkpoint every N optimizer steps into <out>/checkpoints
     resume_from_checkpoint: str | None = None  # a checkpoint folder, a folder of checkpoint-N folders, or "last"
+    overwrite: bool = False  # replace a finished run at `out` (whole); without it such a run is refused
 
 
 @dataclass(kw_only=True)
@@ -92,10 +93,13 @@ class TrainPlan:
     rank: int  # reported rank: LoRA/DoRA rank or bottleneck size
     target_modules: list[str] | None  # None: the architecture's defaults (`targets.target_modules_for`)
     target_kept: float | None  # ts-* only; None also for the loss-driven rule
-    warmup_steps: int | None  # ts-* only
-    ramp_steps: int | None  # ts-* only
+    warmup_steps: int | None  # ts-* only: as fitted to the run (`fit_gate_schedule`)
+    ramp_steps: int | None  # ts-* only: as fitted to the run
     zero_shot: bool  # method none on a kind without a head: nothing is trained
     linear_probe: bool  # method none on a kind with a head: the head alone is trained
+    warmup_steps_requested: int | None = None  # ts-* only: the warm-up asked for (or the default)
+    target_reached: bool | None = None  # target mode: the gate has DEFAULTS.gate_settle_steps at its target
+    schedule_note: str | None = None  # what fitting the schedule changed, or why the target is out of reach
 
     @property
     def gated(self) -> bool:
@@ -119,6 +123,35 @@ def planned_steps(n_train: int, batch_size: int, world_size: int, epochs: float,
     return math.ceil(epochs * max(batches_per_process, 1))
 
 
+def fit_gate_schedule(warmup: int, ramp: int, total_steps: int) -> tuple[int, int, bool]:
+    """(warm-up, ramp, reaches the target): the warm-up and then the ramp cut so that the gate spends its last
+    `DEFAULTS.gate_settle_steps` optimizer steps at the full target; a run shorter than that gets neither and
+    cannot reach its target (False). A warm-up as long as the run would leave a dense run labelled ts-*."""
+    settle = DEFAULTS.gate_settle_steps
+    if total_steps < settle:
+        return 0, 0, False
+    ramp = min(ramp, total_steps - settle)
+    return min(warmup, total_steps - settle - ramp), ramp, True
+
+
+def _gate_schedule(cfg: TrainConfig, steps: int) -> dict:
+    """The TrainPlan fields of a ts-* run's warm-up and ramp, fitted to its `steps` optimizer steps."""
+    warmup = DEFAULTS.warmup_steps if cfg.warmup_steps is None else cfg.warmup_steps
+    ramp = round(DEFAULTS.ramp_fraction * steps) if cfg.ramp_steps is None else cfg.ramp_steps
+    fitted_warmup, fitted_ramp, reached = fit_gate_schedule(warmup, ramp, steps)
+    note = None
+    if not reached:
+        note = (f"warning: this {steps}-step run is too short for the gate to reach its target (it needs "
+                f"{DEFAULTS.gate_settle_steps} steps after the warm-up): the kept fraction will stay above it; "
+                "recorded as target_reached = false")
+    elif (fitted_warmup, fitted_ramp) != (warmup, ramp):
+        note = (f"warm-up capped at {fitted_warmup} of {steps} steps (asked {warmup})"
+                + (f", ramp at {fitted_ramp} (asked {ramp})" if fitted_ramp != ramp else "")
+                + f" so the gate has {DEFAULTS.gate_settle_steps} steps at its target")
+    return {"warmup_steps": fitted_warmup, "ramp_steps": fitted_ramp, "warmup_steps_requested": warmup,
+            "target_reached": reached if cfg.target_kept is not None else None, "schedule_note": note}
+
+
 def resolve_train(cfg: TrainConfig, task_data: TaskData) -> TrainPlan:
     """Fill in every default of a training run, once."""
     check_method(cfg.method)
@@ -126,11 +159,11 @@ def resolve_train(cfg: TrainConfig, task_data: TaskData) -> TrainPlan:
     gated = cfg.method.startswith("ts-")
     batch_size = cfg.batch_size or kind.default_batch_size
     epochs = cfg.epochs if cfg.epochs is not None else DEFAULTS.epochs
-    ramp_steps = cfg.ramp_steps
-    if gated and ramp_steps is None:
+    schedule = {}
+    if gated:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
-        steps = planned_steps(len(task_data.train), batch_size, world_size, epochs, cfg.max_steps)
-        ramp_steps = round(DEFAULTS.ramp_fraction * steps)
+        schedule = _gate_schedule(cfg, planned_steps(len(task_data.train), batch_size, world_size, epochs,
+                                                     cfg.max_steps))
     targets = top_k_modules(cfg.modules_from, cfg.criterion, cfg.top_k) if cfg.modules_from else None
     default_rank = DEFAULTS.bottleneck_size if base_method(cfg.method) == "adapter" else DEFAULTS.rank
     return TrainPlan(
@@ -139,8 +172,9 @@ def resolve_train(cfg: TrainConfig, task_data: TaskData) -> TrainPlan:
         eval_batch_size=batch_size * DEFAULTS.eval_batch_factor, lr=cfg.lr or default_lr(cfg.method), epochs=epochs,
         max_steps=cfg.max_steps, rank=cfg.rank or default_rank, target_modules=targets,
         target_kept=cfg.target_kept if gated else None,
-        warmup_steps=(DEFAULTS.warmup_steps if cfg.warmup_steps is None else cfg.warmup_steps) if gated else None,
-        ramp_steps=ramp_steps if gated else None,
+        warmup_steps=schedule.get("warmup_steps"), ramp_steps=schedule.get("ramp_steps"),
+        warmup_steps_requested=schedule.get("warmup_steps_requested"), target_reached=schedule.get("target_reached"),
+        schedule_note=schedule.get("schedule_note"),
         zero_shot=cfg.method == "none" and not kind.has_head, linear_probe=cfg.method == "none" and kind.has_head)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -176,21 +177,70 @@ def load_checkpoint_into(target: nn.Module, folder: Path, method: str) -> bool:
     return False
 
 
-def resolve_checkpoint(spec: str, checkpoints: Path) -> str:
-    """`--resume-from-checkpoint`: "last" (newest checkpoint-N in `checkpoints`), a checkpoint-N folder, or a folder
-    holding checkpoint-N folders (the newest is taken). ValueError if there is no such checkpoint."""
-    from transformers.trainer import TRAINER_STATE_NAME
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINT_STATE = ("optimizer.pt", "scheduler.pt")  # written by the Trainer, with rng_state*.pth and trainer_state.json
 
+
+def _torn(checkpoint: Path) -> str | None:
+    """Why `checkpoint` is not a whole Trainer checkpoint (None if it is). The Trainer writes
+    trainer_state.json last, so a save cut short (Ctrl-C, a full disk) lacks it or holds half of it."""
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    state = checkpoint / TRAINER_STATE_NAME
+    if not state.is_file():
+        return f"no {TRAINER_STATE_NAME}: its save was cut short"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{TRAINER_STATE_NAME} is cut short"
+    return None
+
+
+def _missing_state(checkpoint: Path) -> list[str]:
+    """The optimizer / scheduler / RNG / adapter files a whole checkpoint has and `checkpoint` lacks."""
+    missing = [name for name in CHECKPOINT_STATE if not (checkpoint / name).is_file()]
+    if not any(checkpoint.glob("rng_state*.pth")):
+        missing.append("rng_state.pth")
+    if not any((checkpoint / name).is_file() for name in (TS_CONFIG, PEFT_CONFIG, RUN_MANIFEST)):
+        missing.append(f"the adapter ({TS_CONFIG}, {PEFT_CONFIG} or {RUN_MANIFEST})")
+    return missing
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    name = folder.name
+    return int(name[len("checkpoint-"):]) if name.startswith("checkpoint-") and name[11:].isdigit() else None
+
+
+def resolve_checkpoint(spec: str, checkpoints: Path, warn=None) -> str:
+    """`--resume-from-checkpoint`: "last" (newest checkpoint-N in `checkpoints`), a checkpoint-N folder, or a folder
+    holding checkpoint-N folders. A newest checkpoint whose save was cut short is passed over for the newest
+    whole one, saying so through `warn`; a checkpoint without its optimizer, scheduler or RNG state is refused
+    (resuming from it would silently restart the optimizer). ValueError if there is no usable checkpoint."""
     folder = checkpoints if spec == "last" else Path(spec)
     flag = f"--resume-from-checkpoint {spec}"
     if not folder.is_dir():
         raise ValueError(f"{flag}: no such folder {folder}" + (" (nothing was checkpointed: use --save-steps)"
                                                                if spec == "last" else ""))
-    if (folder / TRAINER_STATE_NAME).is_file():
-        return str(folder)
-    last = get_last_checkpoint(str(folder))
-    if last is None or not (Path(last) / TRAINER_STATE_NAME).is_file():
-        raise ValueError(f"{flag}: {folder} holds no Trainer checkpoint (no {TRAINER_STATE_NAME}, "
-                         "no checkpoint-N folder)")
-    return last
+    explicit = _checkpoint_step(folder) is not None or (folder / "trainer_state.json").is_file()
+    candidates = [folder] if explicit else sorted(
+        (p for p in folder.iterdir() if p.is_dir() and _checkpoint_step(p) is not None), key=_checkpoint_step,
+        reverse=True)
+    if not candidates:
+        raise ValueError(f"{flag}: {folder} holds no Trainer checkpoint (no trainer_state.json, no checkpoint-N folder)")
+    skipped = []
+    for checkpoint in candidates:
+        torn = _torn(checkpoint)
+        if torn is not None:
+            skipped.append(f"{checkpoint.name} is incomplete ({torn})")
+            continue
+        missing = _missing_state(checkpoint)
+        if missing:
+            raise ValueError(f"{flag}: {checkpoint} lacks {', '.join(missing)}: resuming would continue with a "
+                             "fresh optimizer / schedule / random state; restore the files or train again")
+        if skipped:
+            (warn or _warn)("; ".join(skipped) + f"; resuming from {checkpoint.name}")
+        return str(checkpoint)
+    raise ValueError(f"{flag}: no whole checkpoint in {folder}: " + "; ".join(skipped))
+
+
+def _warn(message: str) -> None:
+    print(f"[tspeft] warning: {message}", file=sys.stderr, flush=True)

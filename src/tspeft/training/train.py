@@ -14,6 +14,7 @@ Under torchrun / accelerate launch every process runs `train()` and only the mai
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,17 @@ from .data import TaskData, column_names, load_data
 from .fit import Fitted, fit, training_arguments
 from .measure import measure_run
 from .run_config import TrainConfig, TrainPlan, check_method, precision, resolve_device, resolve_train
+from . import staging
 from .run_folder import CHECKPOINTS, LABELS, METRICS, json_safe, resolve_checkpoint, save_adapter, write_json
 from .wrappers import unwrap_ts_model
 
 
 def train(args) -> dict[str, Any]:
     """One run; `args` is a TrainConfig or an argparse Namespace with its fields. Returns its metrics.
+
+    The run is written into a staging folder and published at `cfg.out` by one rename when it is complete
+    (`tspeft.training.staging`): a finished run there is refused unless `cfg.overwrite`, and a run killed
+    after a checkpoint resumes from the staging folder (`resume_from_checkpoint="last"`).
 
     Under a launcher (`torchrun`, `accelerate launch`) every process calls this: the Trainer trains with DDP
     (global batch = processes × batch_size), then every rank evaluates the whole eval set (identical numbers on
@@ -41,7 +47,10 @@ def train(args) -> dict[str, Any]:
     """
     cfg = args if isinstance(args, TrainConfig) else TrainConfig.from_namespace(args)
     check_method(cfg.method)
-    out, checkpoints = Path(cfg.out), Path(cfg.out) / CHECKPOINTS
+    out = Path(cfg.out)
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process (before torch.distributed is set up)
+        staging.check_out(out, overwrite=cfg.overwrite, resume=bool(cfg.resume_from_checkpoint))
+    checkpoints = staging.staging_folder(out) / CHECKPOINTS
     resume = resolve_checkpoint(cfg.resume_from_checkpoint, checkpoints) if cfg.resume_from_checkpoint else None
     device = resolve_device(cfg.device)
     precision(device, cfg.bf16)  # refuses --bf16 on a GPU without bfloat16 before anything is loaded
@@ -56,26 +65,40 @@ def train(args) -> dict[str, Any]:
     is_main = training_args.process_index == 0
     if training_args.world_size > 1:
         device = training_args.device  # this process's own device (cuda:LOCAL_RANK, or cpu)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    if not is_main:
+        return _run(cfg, plan, task_data, training_args, None, resume, device)
+    if plan.schedule_note:
+        print(f"[tspeft] {plan.schedule_note}", file=sys.stderr, flush=True)
+    folder = staging.begin(out, resume=bool(resume))
+    try:
+        metrics = _run(cfg, plan, task_data, training_args, folder, resume, device)
+    except BaseException as error:
+        staging.abandon(folder, out, interrupted=isinstance(error, KeyboardInterrupt))
+        raise
+    staging.publish(folder, out, {"method": cfg.method, "task": task_data.name})
+    return metrics
 
+
+def _run(cfg: TrainConfig, plan: TrainPlan, task_data: TaskData, training_args, folder: Path | None,
+         resume: str | None, device) -> dict[str, Any]:
+    """Build, fit, measure; the main process (`folder` not None) writes the run into `folder`."""
+    is_main = folder is not None
     set_seed(cfg.seed)
     base, tokenizer = load_base(plan.model_name, plan.kind, task_data.num_labels)
     set_seed(cfg.seed)
     model = build_for_plan(plan, base)
     parameters = _parameter_counts(model)
-    fitted = fit(model, tokenizer, task_data, plan, training_args, out, resume)
-    evaluation = measure_run(fitted.model, tokenizer, task_data, plan, device, cfg.bf16, out if is_main else None)
+    fitted = fit(model, tokenizer, task_data, plan, training_args, folder, resume)
+    evaluation = measure_run(fitted.model, tokenizer, task_data, plan, device, cfg.bf16, folder)
     if is_main:
-        save_adapter(fitted.model, cfg.method, out)
+        save_adapter(fitted.model, cfg.method, folder)
         if task_data.labels is not None:
-            write_json(out / LABELS, task_data.labels.to_json())
-
+            write_json(folder / LABELS, task_data.labels.to_json())
     ts_model = unwrap_ts_model(fitted.model)
     metrics = json_safe(run_metrics(cfg, plan, task_data, fitted, evaluation, ts_model, parameters,
-                                 training_args.world_size, resume, device.type))
+                                    training_args.world_size, resume, device.type))
     if is_main:
-        write_json(out / METRICS, metrics)
+        write_json(folder / METRICS, metrics)
     _debug_rank_dump(training_args, ts_model, metrics, is_main)
     return metrics
 
@@ -100,6 +123,8 @@ def run_metrics(cfg: TrainConfig, plan: TrainPlan, task_data: TaskData, fitted: 
         "target_kept": plan.target_kept,
         "tau_rule": None if not gated else ("target" if plan.target_kept is not None else "loss-driven"),
         "warmup_steps": plan.warmup_steps if gated else None,
+        "warmup_steps_requested": plan.warmup_steps_requested if gated else None,
+        "target_reached": plan.target_reached if gated else None,
         "ramp_steps": ts_model.ts_config.ramp_steps if gated else None,
         "tau_per_module": taus,
         "mean_tau": (sum(taus.values()) / len(ts_model.gates)) if gated and ts_model.gates else None,
