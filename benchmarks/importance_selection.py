@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.source:
         _check_source(source, task)
     elif not (source / "metrics.json").is_file():
-        tspeft_main(["train", *common, "--method", "ts-lora", "--seed", "0", "--out", str(source)])
+        tspeft_main(["train", *common, "--method", "ts-lora", "--seed", "0", "--overwrite", "--out", str(source)])
     importance = source / "importance.json"
     if not importance.is_file():
         tspeft_main(["importance", "--adapter", str(source)])
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 out = runs / f"lora-{criterion}-k{k}-s{seed}"
                 tspeft_main(["train", *common, "--method", "lora", "--seed", str(seed), "--modules-from",
-                             str(importance), "--top-k", str(k), "--criterion", criterion, "--out", str(out)])
+                             str(importance), "--top-k", str(k), "--criterion", criterion, "--overwrite",
+                             "--out", str(out)])  # resumable by record: a run without one is trained again
                 metrics = json.loads((out / "metrics.json").read_text())
                 records.append({"suite": args.suite, "task": task, "model": suite["model"], "criterion": criterion,
                                 "k": k, "fraction": fraction, "n_modules": n_modules, "seed": seed,

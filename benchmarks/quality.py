@@ -111,8 +111,10 @@ def sizes_of(suite: dict, task: str) -> list[str]:
 
 
 def run_one(suite: dict, task: str, method: str, seed: int, out: Path, extra: list[str]) -> dict:
+    # resumable by record: a run folder without its record (killed before the record was saved) is trained
+    # again, replacing it whole
     args = ["train", "--task", task, "--model", suite["model"], "--method", method, "--seed", str(seed),
-            "--out", str(out), *sizes_of(suite, task), *extra]
+            "--out", str(out), "--overwrite", *sizes_of(suite, task), *extra]
     tspeft_main(args)
     return json.loads((out / "metrics.json").read_text())
 

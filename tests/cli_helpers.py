@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tspeft.cli.main import main
 
 
@@ -42,11 +40,19 @@ def sentiment_rows(n: int, labels=("neg", "pos")) -> list[dict]:
     return [{"text": f"the film was {words[i % len(labels)]} {i}", "label": labels[i % len(labels)]} for i in range(n)]
 
 
+def tiny_bert_folder(folder):
+    """A random 2-layer BERT with a 2-class head over conftest's character tokenizer, saved to `folder`."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from conftest import _saved, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=256, num_labels=2,
+                        pad_token_id=tokenizer.pad_token_id)
+    return _saved(folder, BertForSequenceClassification(config), tokenizer)
+
+
 def tiny_train_flags(model_dir) -> list[str]:
     """Flags for the shortest useful run of the tiny BERT (1 step unless the caller adds --max-steps)."""
     return ["--model", str(model_dir), "--batch-size", "8", "--max-length", "16", "--device", "cpu", "--no-report"]
-
-
-@pytest.fixture
-def string_label_file(tmp_path):
-    return write_jsonl(tmp_path / "train.jsonl", sentiment_rows(32))

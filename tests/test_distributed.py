@@ -205,25 +205,41 @@ def test_cli_train_under_accelerate_launch(accelerate_run, single_run):
     _check_launch(accelerate_run, single_run)
 
 
-def test_cli_resume_matches_uninterrupted_run(cli_inputs, one_thread, tmp_path):
-    """--save-steps 2 --max-steps 4, then `--resume-from-checkpoint last` after deleting checkpoint-4 (so the newest
-    is checkpoint-2). Tolerance: none — τ, kept fractions, losses and the metrics are identical (CPU, fixed data
-    order)."""
+def test_cli_resume_matches_uninterrupted_run(cli_inputs, one_thread, tmp_path, monkeypatch):
+    """--save-steps 2 --max-steps 4 stopped by Ctrl-C at step 3, then `--resume-from-checkpoint last` (the newest
+    checkpoint of the unfinished run, checkpoint-2), against the same run uninterrupted. Tolerance: none — τ,
+    kept fractions, losses and the metrics are identical (CPU, fixed data order)."""
     from tspeft.cli.main import main
+    from tspeft.training.callback import ThresholdCallback
+    from tspeft.training.staging import staging_folder
 
-    out = tmp_path / "run"
+    full, out = tmp_path / "full", tmp_path / "run"
     argv = ["train", "--data", cli_inputs["data"], "--model", cli_inputs["model"], *TRAIN_FLAGS, "--batch-size", "4",
-            "--logging-steps", "1", "--no-report", "--out", str(out)]
-    assert main([*argv, "--save-steps", "2"]) == 0
-    full_metrics, full_log = json.loads((out / "metrics.json").read_text()), _read_log(out)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
-    state = json.loads((out / "checkpoints" / "checkpoint-2" / "ts_config.json").read_text())
-    assert state["gated_modules"] and (out / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()
-    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
-    assert main([*argv, "--resume-from-checkpoint", "last"]) == 0
+            "--logging-steps", "1", "--no-report", "--save-steps", "2"]
+    assert main([*argv, "--out", str(full)]) == 0
+    full_metrics, full_log = json.loads((full / "metrics.json").read_text()), _read_log(full)
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+    original = ThresholdCallback.on_step_end
+
+    def stop_at_step_3(self, args, state, control, **kwargs):
+        original(self, args, state, control, **kwargs)
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ThresholdCallback, "on_step_end", stop_at_step_3)
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(out)])
+    assert info.value.code == 130
+    monkeypatch.undo()
+    checkpoints = staging_folder(out) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2"] and not out.exists()
+    state = json.loads((checkpoints / "checkpoint-2" / "ts_config.json").read_text())
+    assert state["gated_modules"] and (checkpoints / "checkpoint-2" / "optimizer.pt").is_file()
+    assert main([*argv, "--resume-from-checkpoint", "last", "--out", str(out)]) == 0
     resumed, resumed_log = json.loads((out / "metrics.json").read_text()), _read_log(out)
     assert resumed["resumed_from"] == str(out / "checkpoints" / "checkpoint-2") and resumed["train_steps"] == 4
-    assert resumed_log == full_log  # steps 1-2 kept from the first run, 3-4 written again: same τ, kept, loss
+    assert resumed_log == full_log  # steps 1-2 kept from the interrupted run, 3-4 written again: same τ, kept, loss
     assert [r["step"] for r in resumed_log] == [1, 2, 3, 4] and 0 < resumed_log[-1]["kept_fraction"] < 1
     for key in ("tau_per_module", "kept_fraction", "per_module", "accuracy", "mean_tau"):
         assert resumed[key] == full_metrics[key], key

@@ -14,16 +14,16 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import fails_in_one_line, run_cli, sentiment_rows, tiny_train_flags, write_jsonl
-from tspeft import TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
 from test_core import MLP
+from tspeft import TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A headless tiny BERT folder (the head is new at every load, as with MiniLM) and a lora and a ts-lora run."""
-    from conftest import build_tiny_tokenizer
     from transformers import BertConfig, BertModel
 
+    from conftest import build_tiny_tokenizer
     from tspeft.cli.main import main
 
     root = tmp_path_factory.mktemp("load")
@@ -58,8 +58,8 @@ def test_nan_or_negative_tau_in_a_valid_adapter_file_is_refused(tmp_path, value)
     from tspeft.core import io
 
     manifest = json.loads((tmp_path / "a" / "ts_config.json").read_text())
-    io.write_adapter_folder(tmp_path / "a", tensors, {k: v for k, v in manifest.items()
-                                                      if k not in ("format_version", "weights_file", "weights_sha256")})
+    kept = {k: v for k, v in manifest.items() if k not in ("format_version", "weights_file", "weights_sha256")}
+    io.write_adapter_folder(tmp_path / "a", tensors, kept)
     with pytest.raises(ValueError, match=r"τ of module lin0 is (nan|-1\.0|-inf).*must be a number >= 0"):
         TSPeftModel.from_pretrained(MLP(), tmp_path / "a")
 

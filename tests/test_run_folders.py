@@ -12,24 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import fails_in_one_line, run_cli, sentiment_rows, tiny_train_flags, write_jsonl
+from cli_helpers import fails_in_one_line, run_cli, sentiment_rows, tiny_bert_folder, tiny_train_flags, write_jsonl
 from tspeft.training.callback import ThresholdCallback
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny BERT folder, a data file and one finished ts-lora run (2 steps) to copy from."""
-    from conftest import _saved, build_tiny_tokenizer
-    from transformers import BertConfig, BertForSequenceClassification
-
     from tspeft.cli.main import main
 
     root = tmp_path_factory.mktemp("runs")
-    tokenizer = build_tiny_tokenizer()
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=256, num_labels=2,
-                        pad_token_id=tokenizer.pad_token_id)
-    model_dir = _saved(root / "bert", BertForSequenceClassification(config), tokenizer)
+    model_dir = tiny_bert_folder(root / "bert")
     data = write_jsonl(root / "train.jsonl", sentiment_rows(32))
     flags = ["--data", data, *tiny_train_flags(model_dir)]
     assert main([str(a) for a in ["train", *flags, "--method", "ts-lora", "--max-steps", "2", "--warmup-steps", "1",
@@ -85,7 +78,8 @@ def test_case2_existing_run_is_refused_without_overwrite(setup, tmp_path, capsys
 def test_case2_overwrite_replaces_the_run_whole(setup, tmp_path, capsys):
     _, flags = setup
     out = finished_copy(setup, tmp_path)
-    code, _, _ = run_cli(["train", *flags, "--method", "lora", "--max-steps", "1", "--overwrite", "--out", out], capsys)
+    code, _, _ = run_cli(["train", *flags, "--method", "lora", "--max-steps", "1", "--overwrite", "--out", out],
+                         capsys)
     assert code == 0
     names = {p.name for p in out.iterdir()}
     assert not {"ts_config.json", "token_masks.json", "token_stats.json"} & names

@@ -21,7 +21,8 @@ def test_utf8_bom_is_not_part_of_the_first_column(tmp_path, suffix):
     elif suffix == ".tsv":
         body = "text\tlabel\ncafé crème\tpos\nbad\tneg\n"
     elif suffix == ".jsonl":
-        body = json.dumps({"text": "café crème", "label": "pos"}) + "\n" + json.dumps({"text": "bad", "label": "neg"}) + "\n"
+        body = "".join(json.dumps(row) + "\n" for row in ({"text": "café crème", "label": "pos"},
+                                                             {"text": "bad", "label": "neg"}))
     else:
         body = json.dumps([{"text": "café crème", "label": "pos"}, {"text": "bad", "label": "neg"}])
     path.write_bytes(BOM + body.encode("utf-8"))

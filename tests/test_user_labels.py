@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import fails_in_one_line, run_cli, sentiment_rows, tiny_train_flags, write_jsonl
+from cli_helpers import fails_in_one_line, run_cli, sentiment_rows, tiny_bert_folder, tiny_train_flags, write_jsonl
 from tspeft.tasks.data import load_file, load_user_data
 from tspeft.tasks.labels import LabelSet
 
@@ -63,15 +63,8 @@ def test_training_labels_are_the_classes_trained_on(tmp_path):
 @pytest.fixture(scope="module")
 def string_run(tmp_path_factory):
     """A finished lora run trained on the labels 'fresh' / 'rotten' (ids by sorted name: fresh 0, rotten 1)."""
-    from conftest import _saved, build_tiny_tokenizer
-    from transformers import BertConfig, BertForSequenceClassification
-
     root = tmp_path_factory.mktemp("labels")
-    tokenizer = build_tiny_tokenizer()
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=256, num_labels=2,
-                        pad_token_id=tokenizer.pad_token_id)
-    model_dir = _saved(root / "bert", BertForSequenceClassification(config), tokenizer)
+    model_dir = tiny_bert_folder(root / "bert")
     data = write_jsonl(root / "train.jsonl", sentiment_rows(32, labels=("fresh", "rotten")))
     main_args = ["train", "--data", data, "--method", "lora", "--max-steps", "1", *tiny_train_flags(model_dir),
                  "--out", root / "run"]
@@ -142,7 +135,8 @@ def test_integer_labels_with_gaps_train_one_output_per_class(string_run, tmp_pat
     _, model_dir = string_run
     from tspeft.cli.main import main
 
-    data = write_jsonl(tmp_path / "gaps.jsonl", [{"text": f"word {i % 2} {i}", "label": [0, 5][i % 2]} for i in range(24)])
+    rows = [{"text": f"word {i % 2} {i}", "label": [0, 5][i % 2]} for i in range(24)]
+    data = write_jsonl(tmp_path / "gaps.jsonl", rows)
     out = tmp_path / "run"
     assert main(["train", "--data", data, "--method", "lora", "--max-steps", "1", *tiny_train_flags(model_dir),
                  "--out", str(out)]) == 0

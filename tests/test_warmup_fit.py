@@ -10,21 +10,14 @@ import shutil
 import pytest
 import torch
 
-from cli_helpers import fails_in_one_line, run_cli, sentiment_rows, tiny_train_flags, write_jsonl
+from cli_helpers import fails_in_one_line, run_cli, sentiment_rows, tiny_bert_folder, tiny_train_flags, write_jsonl
 from tspeft.training.defaults import DEFAULTS
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from conftest import _saved, build_tiny_tokenizer
-    from transformers import BertConfig, BertForSequenceClassification
-
     root = tmp_path_factory.mktemp("warmup")
-    tokenizer = build_tiny_tokenizer()
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=256, num_labels=2,
-                        pad_token_id=tokenizer.pad_token_id)
-    model_dir = _saved(root / "bert", BertForSequenceClassification(config), tokenizer)
+    model_dir = tiny_bert_folder(root / "bert")
     data = write_jsonl(root / "train.jsonl", sentiment_rows(32))
     return root, model_dir, ["--data", data, *tiny_train_flags(model_dir), "--method", "ts-lora"]
 

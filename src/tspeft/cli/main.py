@@ -33,7 +33,9 @@ def describe_error(error: BaseException) -> str:
         other = f" -> {error.filename2}" if error.filename2 else ""
         return f"{where}{error.strerror}{other}"
     text = " ".join(str(error).split()) or type(error).__name__
-    return text if isinstance(error, USER_ERRORS) else f"unexpected {type(error).__name__}: {text} (--debug shows where)"
+    if isinstance(error, USER_ERRORS):
+        return text
+    return f"unexpected {type(error).__name__}: {text} (--debug shows where)"
 
 
 def run_command(command: str, args: argparse.Namespace, debug: bool) -> int:

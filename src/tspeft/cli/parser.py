@@ -9,6 +9,7 @@ from pathlib import Path
 from ..tasks.data import TASKS
 from ..tasks.resources import EMBEDDED_MODELS
 from ..training.defaults import DEFAULTS, METHODS
+from ..training.run_folder import CHECKPOINTS, resolve_checkpoint
 from ..training.staging import staging_folder
 
 USAGE = """The `tspeft` command.
@@ -220,13 +221,20 @@ def _check_train_flags(parser: argparse.ArgumentParser, args) -> None:
         sub.error("arguments --modules-from and --top-k: give both or neither")
     if args.command == "train" and args.modules_from and not Path(args.modules_from).is_file():
         sub.error(f"argument --modules-from: no such file {args.modules_from!r}")
+    if args.command == "train" and args.resume_from_checkpoint:  # train() resolves it again (and warns)
+        try:
+            resolve_checkpoint(args.resume_from_checkpoint, staging_folder(Path(args.out)) / CHECKPOINTS,
+                               warn=lambda message: None)
+        except ValueError as error:
+            sub.error(f"argument {error}")
 
 
 def _check_model_flag(sub: argparse.ArgumentParser, args) -> None:
     if not args.model or _is_model_name(args.model):
         return
     if not Path(args.model).is_dir():
-        sub.error(f"argument --model: {args.model!r} is neither an embedded model (minilm, smollm2) nor a local folder")
+        sub.error(f"argument --model: {args.model!r} is neither an embedded model (minilm, smollm2) nor a local "
+                  "folder")
     if not (Path(args.model) / "config.json").is_file():
         sub.error(f"argument --model: {args.model} is not a model folder (no config.json)")
 

@@ -23,6 +23,9 @@ that kept accuracy there. Warm-up 20 steps and no ramp: in exploratory single-se
 (60 steps) or a cubic ramp over half the run did not improve accuracy. `--target-kept 0.5` or lower buys more
 sparsity for some accuracy.
 
+The warm-up and ramp are cut to fit a short run so that its last `gate_settle_steps` (5) optimizer steps are
+at the full target (`run_config.fit_gate_schedule`); a run shorter than that records `target_reached: false`.
+
 `none` means no adapter. For a classification task the randomly initialised head must be trained, so
 `none` trains the classification head only (a linear probe on the frozen encoder); for a multiple-choice
 task with a causal LM it is zero-shot scoring (nothing is trained).

@@ -130,7 +130,8 @@ def _fits(folder: Path):
         if not mismatches:
             raise
         more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
-        raise ValueError(f"{folder}: the saved adapter weights do not fit the base model: {mismatches[0]}{more}") from None
+        raise ValueError(f"{folder}: the saved adapter weights do not fit the base model: "
+                         f"{mismatches[0]}{more}") from None
 
 
 def _load_trainable_weights(target: nn.Module, folder: Path, misfit: str) -> None:
@@ -177,7 +178,7 @@ def load_checkpoint_into(target: nn.Module, folder: Path, method: str) -> bool:
     return False
 
 
-CHECKPOINT_STATE = ("optimizer.pt", "scheduler.pt")  # written by the Trainer, with rng_state*.pth and trainer_state.json
+CHECKPOINT_STATE = ("optimizer.pt", "scheduler.pt")  # the Trainer writes them, rng_state*.pth and trainer_state.json
 
 
 def _torn(checkpoint: Path) -> str | None:
@@ -225,7 +226,8 @@ def resolve_checkpoint(spec: str, checkpoints: Path, warn=None) -> str:
         (p for p in folder.iterdir() if p.is_dir() and _checkpoint_step(p) is not None), key=_checkpoint_step,
         reverse=True)
     if not candidates:
-        raise ValueError(f"{flag}: {folder} holds no Trainer checkpoint (no trainer_state.json, no checkpoint-N folder)")
+        raise ValueError(f"{flag}: {folder} holds no Trainer checkpoint (no trainer_state.json, no checkpoint-N "
+                         "folder)")
     skipped = []
     for checkpoint in candidates:
         torn = _torn(checkpoint)

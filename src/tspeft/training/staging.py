@@ -46,6 +46,17 @@ def published_folder(staging: Path) -> Path | None:
     return None
 
 
+def as_published(path: str | None, out: Path) -> str | None:
+    """`path` inside the staging folder of `out` as it reads once the run is published (others unchanged)."""
+    if path is None:
+        return None
+    staging = staging_folder(out)
+    try:
+        return str(Path(out) / Path(path).relative_to(staging))
+    except ValueError:
+        return path
+
+
 def run_state(folder: Path) -> dict[str, Any] | None:
     """run_state.json of `folder` (None when there is none)."""
     path = Path(folder) / RUN_STATE
@@ -77,12 +88,16 @@ def check_out(out: Path, *, overwrite: bool, resume: bool, what: str = "run") ->
     if out.is_dir() and any(out.iterdir()):
         state = run_state(out)
         if state is None and not (out / METRICS).is_file() and not (out / "compare.json").is_file():
-            raise ValueError(f"--out {out}: the folder holds files that are not a tspeft {what}; choose another folder")
+            raise ValueError(f"--out {out}: the folder holds files that are not a tspeft {what}; choose another "
+                             "folder")
         if state is not None and state["state"] == "running":
             raise ValueError(f"--out {out}: holds an unfinished {what} (run_state.json says running); "
                              "pass --overwrite to replace it")
         if not overwrite:
-            raise ValueError(f"--out {out}: holds {_what(out)}; pass --overwrite to replace it, or choose another folder")
+            hint = (f"; to continue from its checkpoints, pass --resume-from-checkpoint {out / CHECKPOINTS} and "
+                    "another --out" if resume and (out / CHECKPOINTS).is_dir() else "")
+            raise ValueError(f"--out {out}: holds {_what(out)}; pass --overwrite to replace it, or choose another "
+                             f"folder{hint}")
     if staging.exists() and not resume and not overwrite:
         hint = ("continue it with --resume-from-checkpoint last, or pass --overwrite to start over" if what == "run"
                 else "pass --overwrite to start over")
@@ -149,7 +164,7 @@ def require_complete(folder: Path, flag: str) -> None:
         todo = (f"its checkpoints are in {staging / CHECKPOINTS} (continue it with `tspeft train ... --out {out} "
                 "--resume-from-checkpoint last`)")
     else:
-        todo = f"it saved no checkpoint (train it again with --overwrite; --save-steps makes a run resumable)"
+        todo = "it saved no checkpoint (train it again with --overwrite; --save-steps makes a run resumable)"
     raise ValueError(f"{flag} {folder}: this run did not finish; {todo}")
 
 

@@ -96,7 +96,8 @@ def _run(cfg: TrainConfig, plan: TrainPlan, task_data: TaskData, training_args, 
             write_json(folder / LABELS, task_data.labels.to_json())
     ts_model = unwrap_ts_model(fitted.model)
     metrics = json_safe(run_metrics(cfg, plan, task_data, fitted, evaluation, ts_model, parameters,
-                                    training_args.world_size, resume, device.type))
+                                    training_args.world_size, staging.as_published(resume, Path(cfg.out)),
+                                    device.type))
     if is_main:
         write_json(folder / METRICS, metrics)
     _debug_rank_dump(training_args, ts_model, metrics, is_main)
