@@ -173,8 +173,8 @@ def _check_launch(run, single_run):
     assert [(r["process_index"], r["world_size"], r["is_main"]) for r in ranks] == [(0, 2, True), (1, 2, False)]
     assert run["stdout"].count("metrics in") == 1 and run["stdout"].count("[tspeft] report:") == 1
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("ts_adapter-")) == [
-        "adapter_config.json", "metrics.json", "report", "report.html", "token_masks.json", "token_stats.json",
-        "train_log.jsonl", "ts_config.json"]
+        "adapter_config.json", "labels.json", "metrics.json", "report", "report.html", "run_state.json",
+        "token_masks.json", "token_stats.json", "train_log.jsonl", "ts_config.json"]
     metrics, log = json.loads((out / "metrics.json").read_text()), _read_log(out)
     assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 8 and metrics["train_steps"] == 4
     # every rank ends with the same τ / rule state, and that is what was saved

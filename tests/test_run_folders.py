@@ -172,7 +172,7 @@ def test_compare_folder_is_refused_then_replaced_whole(setup, tmp_path, capsys):
     assert json.loads((out / "compare.json").read_text())["methods"] == ["none"]
 
 
-def test_out_at_a_file_or_in_a_read_only_folder_is_one_line(setup, tmp_path, capsys):
+def test_out_at_a_file_or_in_a_read_only_folder_is_one_line(setup, tmp_path, capsys, monkeypatch):
     _, flags = setup
     a_file = tmp_path / "file.txt"
     a_file.write_text("mine")
@@ -181,16 +181,24 @@ def test_out_at_a_file_or_in_a_read_only_folder_is_one_line(setup, tmp_path, cap
     line = fails_in_one_line(["train", *flags, "--method", "lora", "--max-steps", "1", "--out", a_file / "run"],
                              capsys)
     assert str(a_file) in line and "Not a directory" in line and a_file.read_text() == "mine"
-    if os.geteuid() == 0:
-        pytest.skip("root ignores folder permissions")
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
+    if os.geteuid() == 0:  # root ignores folder permissions: refuse the folder's creation as the OS would
+        original = Path.mkdir
+
+        def mkdir(self, *args, **kwargs):
+            if Path(self).parent == locked:
+                raise PermissionError(13, "Permission denied", str(self))
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
     try:
         line = fails_in_one_line(["train", *flags, "--method", "lora", "--max-steps", "1", "--out", locked / "run"],
                                  capsys)
         assert "Permission denied" in line and str(locked) in line
     finally:
+        monkeypatch.undo()
         locked.chmod(0o700)
 
 
