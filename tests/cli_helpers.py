@@ -41,16 +41,14 @@ def sentiment_rows(n: int, labels=("neg", "pos")) -> list[dict]:
 
 
 def tiny_bert_folder(folder):
-    """A random 2-layer BERT with a 2-class head over conftest's character tokenizer, saved to `folder`."""
-    from transformers import BertConfig, BertForSequenceClassification
-
+    """conftest's tiny BERT (2-class head over the character tokenizer), saved to `folder` as `--model` wants it."""
     from conftest import _saved, build_tiny_tokenizer
+    from models import tiny_bert
 
     tokenizer = build_tiny_tokenizer()
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=256, num_labels=2,
-                        pad_token_id=tokenizer.pad_token_id)
-    return _saved(folder, BertForSequenceClassification(config), tokenizer)
+    model = tiny_bert(vocab_size=len(tokenizer), intermediate_size=64, max_position_embeddings=256,
+                      pad_token_id=tokenizer.pad_token_id)
+    return _saved(folder, model, tokenizer)
 
 
 def tiny_train_flags(model_dir) -> list[str]:

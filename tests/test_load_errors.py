@@ -14,7 +14,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import fails_in_one_line, run_cli, sentiment_rows, tiny_train_flags, write_jsonl
-from test_core import MLP
+from models import MLP
 from tspeft import TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
 
 

@@ -22,10 +22,10 @@ import torch
 from ..core.adapter import BottleneckLayer
 from ..core.io import atomic_write
 from ..core.model import TSPeftModel
+from ..tasks.resources import quiet_load_report
 from ..training.build import load_base
 from ..training.data import load_data
 from ..training.run_config import TrainConfig
-from ..tasks.resources import quiet_load_report
 from ..training.run_folder import IMPORTANCE, METRICS, TS_CONFIG, load_adapter, read_labels
 from ..training.staging import require_complete
 from ..training.targets import rank_modules

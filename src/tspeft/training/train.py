@@ -22,12 +22,12 @@ from torch import nn
 from transformers import set_seed
 
 from ..core.model import TSPeftModel
+from . import staging
 from .build import build_for_plan, load_base
 from .data import TaskData, column_names, load_data
 from .fit import Fitted, fit, training_arguments
 from .measure import measure_run
 from .run_config import TrainConfig, TrainPlan, check_method, precision, resolve_device, resolve_train
-from . import staging
 from .run_folder import CHECKPOINTS, LABELS, METRICS, json_safe, resolve_checkpoint, save_adapter, write_json
 from .wrappers import unwrap_ts_model
 
