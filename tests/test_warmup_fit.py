@@ -71,7 +71,7 @@ def test_importance_refuses_a_run_whose_gate_never_bit(setup, tmp_path, capsys):
     model.set_thresholds(0.0)
     with torch.no_grad():
         for gate in model.gates.values():
-            gate.kept_target.fill_(1.0)
+            gate.allocated_kept.fill_(1.0)
     model.save_pretrained(out)
     line = fails_in_one_line(["importance", "--adapter", out, "--n-batches", "1"], capsys)
     assert "every module's τ is 0: the gate of this run never bit" in line
