@@ -25,6 +25,7 @@ Where each sits (`attach_gate` chooses; S = the gate's keep mask, ⊙S zeroes th
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -82,10 +83,54 @@ def _norm_without_bias(output: torch.Tensor, bias: torch.Tensor | None, feature_
     return torch.linalg.vector_norm(output - bias.view(shape), dim=feature_dim, dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=16)
+def _spread(n: int, device: torch.device) -> torch.Tensor:
+    """n values in [0, 1) spread evenly over any run of positions (golden-ratio sequence): a fixed tie-break."""
+    return torch.arange(n, device=device, dtype=torch.float64).mul_(0.6180339887498949).frac_().float()
+
+
+def band_rows(band: torch.Tensor, capacity: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Rows to keep from forward for the band statistic: (flat row indices, None for all rows; band weight per row).
+
+    A fixed number of rows, ceil(capacity·N), so neither forward nor backward needs the band's size on the host
+    (boolean indexing would sync). Every band token is kept while they fit; beyond that, a subset spread evenly
+    over positions, chosen without looking at c_i, so the band mean of c_i (what the τ rule uses) stays unbiased.
+    """
+    flat = band.reshape(-1)
+    n = flat.numel()
+    rows = min(n, math.ceil(capacity * n))
+    if rows == n:
+        return None, flat
+    index = (flat.float() + _spread(n, flat.device)).topk(rows, sorted=False).indices  # band tokens score ≥ 1
+    return index, flat.index_select(0, index)
+
+
+def take_rows(values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """`values` as (tokens, features), only the rows in `index` (all rows for None)."""
+    flat = values.reshape(-1, values.shape[-1])
+    return flat if index is None else flat.index_select(0, index)
+
+
 class _Hooks:
+    # Rows of M(x) kept for the band statistic, as a fraction of a call's tokens: the τ rule's band holds at most
+    # 2·band of the tokens its quantiles came from (docs/method.md); 1.5 × that absorbs batch-to-batch variation.
+    band_capacity_per_band = 3.0
+
     def __init__(self, gate: TokenGate, token_mask: TokenMask):
         self.gate, self.token_mask = gate, token_mask
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def band_capacity(self) -> float:
+        return min(1.0, self.band_capacity_per_band * self.gate.config.band + 0.02)
+
+    def _record_band_on_backward(self, gated: torch.Tensor, update: torch.Tensor, band: torch.Tensor,
+                                 feature_dim: int = -1) -> None:
+        """Keep the band rows of M(x) and add their c_i = ⟨∂L/∂h_i, M(x_i)⟩ to the gate's statistics in backward."""
+        index, weight = band_rows(band, self.band_capacity)
+        update_rows = take_rows(update.detach().movedim(feature_dim, -1), index).float()
+        gated.register_hook(lambda grad: self.gate.record_band(
+            (take_rows(grad.movedim(feature_dim, -1), index).float() * update_rows).sum(-1), weight))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -199,9 +244,7 @@ class DoraUpdateHooks(_Hooks):
         keep = self.gate(r, real)
         gated = torch.where(keep.unsqueeze(-1), update, update.new_zeros(()))
         if self._wants_band(gated):
-            band = self.gate.in_band(r, real)
-            update_band = update.detach()[band].float()  # only the band tokens' M(x) is kept for backward
-            gated.register_hook(lambda grad: self.gate.record_band((grad[band].float() * update_band).sum(-1)))
+            self._record_band_on_backward(gated, update, self.gate.in_band(r, real))
         return gated
 
 
@@ -242,11 +285,7 @@ class OutputDifferenceHooks(_Hooks):
         keep = self.gate(r, real)
         gated = torch.where(keep.unsqueeze(fd), adapted, base.to(adapted.dtype))
         if self._wants_band(gated):
-            band = self.gate.in_band(r, real)
-            update_band = update.movedim(fd, -1)[band]
-            gated.register_hook(
-                lambda grad: self.gate.record_band((grad.movedim(fd, -1)[band].float() * update_band).sum(-1))
-            )
+            self._record_band_on_backward(gated, update, self.gate.in_band(r, real), fd)
         return gated
 
 

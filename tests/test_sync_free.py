@@ -1,0 +1,270 @@
+"""A training step's forward and backward issue no host-device synchronisation from tspeft's gate.
+
+On a GPU every one of these waits for the device: reading a value (`.item()`, `float()`, `int()`, `bool()`,
+`.tolist()`, `.cpu()`, `.numpy()`), and every op whose output size depends on values (`nonzero`, boolean
+indexing, `masked_select`, `unique`, ...). On CPU nothing waits, so the test records them instead: a
+TorchDispatchMode sees every aten op (forward and backward, hooks included) and the Python frames that issued
+it, and the few reads that bypass the dispatcher are wrapped on `torch.Tensor`. An op counts against tspeft when
+the innermost Python frame outside torch is a tspeft file. The τ rule (`update_thresholds`, once per optimizer
+step) may sync and is not checked. The same check runs on CUDA with `torch.cuda.set_sync_debug_mode("error")` in
+scripts/gpu_check.sh (tests/test_cuda.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tspeft
+import tspeft.core.attach as attach
+from tspeft import BottleneckConfig, TokenSelectiveConfig, get_ts_peft_model
+
+TSPEFT_DIR = os.path.dirname(tspeft.__file__)
+TORCH_DIR = os.path.dirname(torch.__file__)
+THIS_FILE = os.path.abspath(__file__)
+aten = torch.ops.aten
+SYNCING_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+               aten.is_nonzero.default, aten.equal.default, aten.allclose.default, aten._unique2.default,
+               aten.unique_dim.default, aten.unique_consecutive.default, aten.repeat_interleave.Tensor}
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _caller() -> str | None:
+    """The innermost frame outside torch and this file: file:line:function."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not name.startswith(TORCH_DIR) and name != THIS_FILE:
+            return f"{name}:{frame.f_lineno}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return None
+
+
+def _has_bool_index(indices) -> bool:
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Records (op, caller) for every syncing op and every aten op issued from tspeft (`tspeft_ops`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[tuple[str, str]] = []
+        self.tspeft_ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        caller = _caller()
+        if caller and caller.startswith(TSPEFT_DIR):
+            self.tspeft_ops += 1
+            bool_index = func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) and \
+                _has_bool_index(args[1])
+            if func in SYNCING_OPS or bool_index:
+                self.syncs.append((str(func), caller))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def recording_syncs(monkeypatch):
+    recorder = SyncRecorder()
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapped(self, *args, _original=original, _name=name, **kwargs):
+            caller = _caller()
+            if caller and caller.startswith(TSPEFT_DIR):
+                recorder.syncs.append((f"Tensor.{_name}", caller))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    with recorder:
+        yield recorder
+    monkeypatch.undo()
+
+
+# ----- tiny models, one per hook kind ------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, d: int = 12):
+        super().__init__()
+        self.lin0 = nn.Linear(d, 2 * d)
+        self.lin1 = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return self.lin1(torch.tanh(self.lin0(x)))
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=32, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+def lora(targets, dora=False):
+    return LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=dora)
+
+
+def bert_inputs():
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1, 9:] = 0
+    mask[3, 4:] = 0
+    return {"input_ids": torch.randint(1, 50, (4, 16), generator=generator), "attention_mask": mask,
+            "labels": torch.tensor([0, 1, 1, 0])}
+
+
+CASES = {  # name -> (base, peft/adapter config, inputs, hook class expected)
+    "lora": (MLP, lambda: lora(["lin0", "lin1"]), lambda: {"x": torch.randn(4, 16, 12)}, attach.LoraDownProjectionHooks),
+    "dora": (MLP, lambda: lora(["lin0", "lin1"], dora=True), lambda: {"x": torch.randn(4, 16, 12)},
+             attach.DoraUpdateHooks),
+    "adapter": (MLP, lambda: BottleneckConfig(target_modules=["lin0", "lin1"], bottleneck_size=4),
+                lambda: {"x": torch.randn(4, 16, 12)}, attach.OutputDifferenceHooks),
+    "conv-lora": (ConvNet, lambda: lora(["conv"]), lambda: {"x": torch.randn(2, 3, 6, 6)}, attach.OutputDifferenceHooks),
+    "bert-lora": (tiny_bert, lambda: lora(["query", "value", "dense"]), bert_inputs, attach.LoraDownProjectionHooks),
+    "bert-dora": (tiny_bert, lambda: lora(["query", "value"], dora=True), bert_inputs, attach.DoraUpdateHooks),
+}
+
+
+def loss_of(output):
+    if hasattr(output, "loss") and output.loss is not None:
+        return output.loss
+    return output.float().pow(2).mean()
+
+
+def trained_model(case: str):
+    """A few steps in target mode, so τ > 0 and the band lies around τ, before the checked step."""
+    make_base, make_config, make_inputs, hook_class = CASES[case]
+    torch.manual_seed(0)
+    model = get_ts_peft_model(make_base(), make_config(), TokenSelectiveConfig(target_kept=0.5, warmup_steps=0))
+    if case == "adapter":  # the adapter's up-projection starts at zero: give it an update to gate
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "adapter_up" in name:
+                    parameter.normal_(0, 0.5)
+    assert any(isinstance(h, hook_class) for h in model._hooks)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = make_inputs()
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_of(model(**inputs)).backward()
+        optimizer.step()
+        model.update_thresholds()
+    assert any(t > 0 for t in model.thresholds().values())
+    return model, inputs
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_forward_and_backward_issue_no_sync_from_the_gate(case, overflow, monkeypatch):
+    model, inputs = trained_model(case)
+    if overflow:  # fewer rows than band tokens: the fixed-size subset path of `band_rows`
+        monkeypatch.setattr(attach._Hooks, "band_capacity_per_band", 0.5)
+    before = {name: gate.band_stats.clone() for name, gate in model.gates.items()}
+    with recording_syncs(monkeypatch) as recorder:
+        loss_of(model(**inputs)).backward()
+    assert recorder.syncs == [], recorder.syncs
+    assert recorder.tspeft_ops > 10 * len(model.gates), "the recorder must see the gate's own ops"
+    # the band statistic was gathered in this step (a gate on BERT's pooler sees 4 tokens and may find none)
+    grown = [name for name, gate in model.gates.items() if gate.band_stats[1] > before[name][1]]
+    assert len(grown) >= len(model.gates) - 1, grown
+
+
+def test_the_recorder_catches_syncs_from_tspeft(monkeypatch):
+    """Positive control: the inference skip path reads the kept count on the host and calls nonzero, and
+    `kept_fraction()` reads counts: the recorder must report all three."""
+    model, inputs = trained_model("lora")
+    monkeypatch.setattr(attach.LoraDownProjectionHooks, "skip_min_elements", 0)
+    monkeypatch.setattr(attach.LoraDownProjectionHooks, "skip_max_kept", 1.0)
+    model.eval()
+    with recording_syncs(monkeypatch) as recorder, torch.no_grad():
+        model(**inputs)
+        model.kept_fraction()
+    ops = {op for op, _ in recorder.syncs}
+    assert {"aten._local_scalar_dense.default", "aten.nonzero.default", "Tensor.tolist"} <= ops, recorder.syncs
+    assert all(caller.startswith(TSPEFT_DIR) for _, caller in recorder.syncs)
+
+
+# ----- the fixed-size band sample --------------------------------------------------------------------------------
+def test_band_rows_keeps_every_band_token_that_fits_and_a_spread_subset_beyond():
+    band = torch.zeros(200, dtype=torch.bool)
+    band[[3, 50, 51, 120, 199]] = True
+    index, weight = attach.band_rows(band, 0.1)  # 20 rows: all 5 band tokens and 15 zero-weight fillers
+    assert index.numel() == 20 and int(weight.sum()) == 5 and set(index[weight].tolist()) == {3, 50, 51, 120, 199}
+    band[:] = False
+    band[:100] = True  # 100 band tokens, 20 rows: a subset spread over the band's positions
+    index, weight = attach.band_rows(band, 0.1)
+    assert bool(weight.all()) and index.unique().numel() == 20 and int(index.max()) < 100
+    assert torch.histc(index.float(), bins=4, min=0, max=100).min() >= 3  # not bunched in one part
+    index, weight = attach.band_rows(band, 1.0)
+    assert index is None and torch.equal(weight, band)
+
+
+@pytest.mark.parametrize("case", ["dora", "adapter", "conv-lora", "bert-dora"])
+@pytest.mark.parametrize("capacity_per_band", [3.0, 0.5])
+def test_band_statistic_equals_its_definition(case, capacity_per_band, monkeypatch):
+    """Σ c_i and the count over the kept band rows equal Σ ⟨∂L/∂h_i, M(x_i)⟩ over those tokens, with M(x) computed
+    here as the layer's output at τ = 0 minus its base layer's output, and ∂L/∂h_i the gradient of the layer's
+    output. Without overflow the kept rows are exactly the band tokens; with it, only band tokens."""
+    monkeypatch.setattr(attach._Hooks, "band_capacity_per_band", capacity_per_band)
+    model, inputs = trained_model(case)
+    base, fd = model.get_base_model(), 1 if case == "conv-lora" else -1
+    layer_inputs, layer_outputs, samples = {}, {}, []
+    def keep_output(module, args, output, name):
+        if output.requires_grad:  # not the τ = 0 reference forward below
+            output.retain_grad()
+            layer_outputs[name] = output
+
+    for name in model.gates:
+        layer = base.get_submodule(name)
+        layer.register_forward_pre_hook(lambda m, args, name=name: layer_inputs.__setitem__(name, args[0].detach()))
+        # registered after the gate's hook, so it sees h
+        layer.register_forward_hook(lambda m, args, out, name=name: keep_output(m, args, out, name))
+        model.gates[name].clear_rule_stats()
+    original = attach.band_rows
+
+    def recorded_band_rows(band, capacity):
+        samples.append((band, *original(band, capacity)))
+        return samples[-1][1:]
+    monkeypatch.setattr(attach, "band_rows", recorded_band_rows)
+    loss_of(model(**inputs)).backward()
+    assert len(samples) == len(model.gates)
+    overflowed = 0
+    for (name, gate), (band, index, weight) in zip(model.gates.items(), samples):
+        layer = base.get_submodule(name)
+        with torch.no_grad():
+            tau = float(gate.tau)
+            gate.tau.fill_(0.0)
+            update = layer(layer_inputs[name]) - layer.base_layer(layer_inputs[name])
+            gate.tau.fill_(tau)
+        grad = layer_outputs[name].grad
+        changes = (grad.double() * update.double()).sum(fd).reshape(-1)
+        rows = torch.arange(changes.numel()) if index is None else index
+        chosen = rows[weight.bool()]
+        flat_band = band.reshape(-1)
+        assert bool(flat_band[chosen].all())
+        if chosen.numel() < int(flat_band.sum()):
+            overflowed += 1
+            assert chosen.numel() == rows.numel()  # every row holds a band token
+        else:
+            assert torch.equal(chosen.sort().values, flat_band.nonzero().squeeze(1))
+        assert float(gate.band_stats[1]) == chosen.numel() > 0
+        torch.testing.assert_close(gate.band_stats[0], changes[chosen].sum(), rtol=1e-4, atol=1e-9)
+    if capacity_per_band < 1:
+        assert overflowed, "the small capacity must overflow somewhere"
