@@ -1,8 +1,9 @@
-"""Two CPU processes (gloo, torchrun) with DistributedDataParallel vs a single process with the same global batch.
+"""Two CPU processes (gloo, torchrun) with DistributedDataParallel, and with FSDP2 (`fully_shard`), vs a single
+process with the same global batch.
 
-One torchrun launch (tests/dist_worker.py, ~15 s) feeds every test in this module. Tolerances: τ and kept
-fractions are compared exactly across ranks; against the single-process run, kept fractions exactly,
-weights to 1e-6 absolute (DDP averages gradients in a different order), τ and loss slopes to 1e-6 relative.
+One torchrun launch (tests/dist_worker.py, ~20 s) feeds the DDP and FSDP tests in this module. Tolerances: τ and
+kept fractions are compared exactly across ranks; against the single-process run, kept fractions exactly,
+weights to 1e-6 absolute (DDP and FSDP average gradients in a different order), τ and loss slopes to 1e-6 relative.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ def runs(tmp_path_factory):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [json.loads((out / f"rank{k}.json").read_text()) for k in range(2)]
-    return ranks, dist_worker.run_single()
+    return ranks, dist_worker.run_single(), out
 
 
 def test_backend_is_gloo_and_tau_is_identical_on_every_rank(runs):
-    ranks, _ = runs
+    ranks, _, _ = runs
     assert [r["backend"] for r in ranks] == ["gloo", "gloo"] and ranks[0]["world"] == 2
     for variant in ("auto",):
         for a, b in zip(ranks[0][variant]["log"], ranks[1][variant]["log"]):
@@ -46,7 +47,7 @@ def test_backend_is_gloo_and_tau_is_identical_on_every_rank(runs):
 
 
 def test_reported_kept_fraction_is_the_global_one(runs):
-    ranks, single = runs
+    ranks, single, _ = runs
     for k, step in enumerate(ranks[0]["auto"]["log"]):
         other = ranks[1]["auto"]["log"][k]
         assert step["kept_global"] == other["kept_global"] == single["log"][k]["kept_global"]
@@ -67,11 +68,60 @@ def _weights_match(ddp, single):
 def test_ddp_automatic_all_reduce_matches_single_process(runs):
     """update_thresholds()'s automatic all_reduce works with gloo and averages Σc_i over ranks (each rank's
     c_i come from its own mean loss, and DDP averages gradients), so τ matches the single-process run."""
-    ranks, single = runs
+    ranks, single, _ = runs
     _weights_match(ranks[0]["auto"], single)
     for ddp_step, one in zip(ranks[0]["auto"]["log"], single["log"]):
         assert ddp_step["slopes"] == pytest.approx(one["slopes"], rel=1e-6, abs=1e-12)
         assert ddp_step["tau"] == pytest.approx(one["tau"], rel=1e-6, abs=1e-9)
+
+
+def test_fsdp2_shards_the_adapter_and_keeps_every_gate_buffer_whole_and_equal(runs):
+    """FSDP2 shards every parameter on dim 0 (here: half the rows per rank); τ and the τ-rule state are buffers,
+    which FSDP never shards, so each rank holds them whole, and the rule keeps them identical on both ranks."""
+    ranks, _, _ = runs
+    for rank in ranks:
+        placement = rank["fsdp"]["placement"]
+        assert placement["params"] and all(sharded and 2 * local == rows for sharded, local, rows in
+                                           placement["params"].values()), placement["params"]
+        gate_fields = {name.rsplit(".", 1)[1] for name in placement["buffers"]}
+        assert {"tau", "kept_target", "loss_slope", "band_low", "band_high", "kept_counts"} <= gate_fields
+        assert all(kind == "Tensor" for kind, _ in placement["buffers"].values())  # not DTensor shards
+    for a, b in zip(ranks[0]["fsdp"]["log"], ranks[1]["fsdp"]["log"]):
+        assert a["tau"] == b["tau"] and a["kept_targets"] == b["kept_targets"] and a["slopes"] == b["slopes"]
+        assert a["kept_global"] == b["kept_global"]
+    assert ranks[0]["fsdp"]["weights"] == ranks[1]["fsdp"]["weights"]
+    assert any(t > 0 for step in ranks[0]["fsdp"]["log"] for t in step["tau"].values()), "the gate must bite"
+
+
+def test_fsdp2_matches_single_process(runs):
+    ranks, single, _ = runs
+    _weights_match(ranks[0]["fsdp"], single)
+    for fsdp_step, one in zip(ranks[0]["fsdp"]["log"], single["log"]):
+        assert fsdp_step["kept_global"] == one["kept_global"]
+        assert fsdp_step["slopes"] == pytest.approx(one["slopes"], rel=1e-6, abs=1e-12)
+        assert fsdp_step["tau"] == pytest.approx(one["tau"], rel=1e-6, abs=1e-9)
+
+
+def test_fsdp2_save_and_reload(runs):
+    """Every rank saves (the sharded weights are gathered): both folders hold the same tensors, equal to the
+    trained weights; reloaded and re-sharded, the model has the trained τ and gives bit-identical outputs; and
+    the folder loads into one unsharded process."""
+    from safetensors.torch import load_file
+
+    from tspeft import TSPeftModel
+
+    ranks, _, out = runs
+    files = [load_file(next((out / f"fsdp-rank{k}").glob("ts_adapter-*.safetensors"))) for k in range(2)]
+    assert files[0].keys() == files[1].keys() and all(torch.equal(files[0][k], files[1][k]) for k in files[0])
+    for rank in ranks:
+        assert rank["fsdp"]["loaded_output_equal"] is True
+        assert rank["fsdp"]["loaded_tau"] == rank["fsdp"]["log"][-1]["tau"]
+    loaded = TSPeftModel.from_pretrained(dist_worker.MLP(), out / "fsdp-rank0")
+    assert loaded.thresholds() == ranks[0]["fsdp"]["log"][-1]["tau"]
+    trained = ranks[0]["fsdp"]["weights"]
+    for name, p in loaded.named_parameters():
+        if "lora_" in name:
+            assert p.detach().flatten().tolist() == trained[name], name
 
 
 # ------------------------------------------------------------------------------------------------------------

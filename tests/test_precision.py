@@ -53,6 +53,13 @@ def test_gate_statistics_keep_precision_when_the_model_is_cast_to_bf16():
     gate = model.gates["lin0"]
     assert gate.kept_counts[1].item() == 3 * 257, f"counted {gate.kept_counts[1].item()} of {3 * 257} tokens"
     assert model.thresholds()["lin0"] == pytest.approx(0.3, rel=1e-6)
+    # τ and the rule state set before the cast keep their fp32 values exactly (bf16 would round 0.3 to 0.30078)
+    before = get_ts_peft_model(MLP(), lora(["lin0"]), TokenSelectiveConfig())
+    before.set_thresholds(0.3)
+    before.gates["lin0"].loss_slope.fill_(1e-3)
+    cast = before.to(torch.bfloat16).gates["lin0"]
+    assert cast.tau.dtype == torch.float32 and cast.tau.item() == torch.tensor(0.3).item()
+    assert cast.loss_slope.item() == torch.tensor(1e-3).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -50,7 +50,9 @@ class TokenGate(nn.Module):
     def __init__(self, config: TokenSelectiveConfig):
         super().__init__()
         self.config = config
-        self.tau = nn.Parameter(torch.tensor(float(config.tau_init)), requires_grad=False)
+        # A buffer, not a parameter: no gradient ever moves τ, and FSDP / ZeRO-3 shard parameters only, so τ stays
+        # one whole scalar on every rank (FSDP2's fully_shard also rejects 0-d parameters).
+        self.register_buffer("tau", torch.tensor(float(config.tau_init)))
         # τ-rule state (persistent: saved with the adapter and in Trainer checkpoints).
         # u_m: this module's allocated kept fraction, what τ is steered to realise (≠ the global target_kept k*)
         self.register_buffer("allocated_kept", torch.tensor(1.0))
@@ -70,12 +72,14 @@ class TokenGate(nn.Module):
         self.last_keep_mask: torch.Tensor | None = None
 
     def _apply(self, fn, recurse=True):
-        # `.to(torch.bfloat16)` on the model must not round τ or token counts: keep their precision.
+        # `.to(torch.bfloat16)` on the model must not round τ or token counts: only the device of these buffers
+        # follows `fn`; their values are copied from before it, in fp32 (fp64 for counts).
+        before = dict(self._buffers)
         super()._apply(fn, recurse)
-        self.tau.data = self.tau.data.float()
         for name, buffer in self._buffers.items():
-            keep_double = buffer.dtype == torch.float64 or name in self._COUNTS
-            self._buffers[name] = buffer.double() if keep_double else buffer.float()
+            dtype = torch.float64 if before[name].dtype == torch.float64 or name in self._COUNTS else torch.float32
+            source = buffer if before[name].is_meta else before[name]  # `to_empty()` from the meta device
+            self._buffers[name] = source.to(device=buffer.device, dtype=dtype)
         return self
 
     _COUNTS = ("r_histogram", "band_stats", "kept_counts")

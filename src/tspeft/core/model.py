@@ -63,7 +63,7 @@ class TSPeftModel(nn.Module):
         for name, module in inner.named_modules():
             if is_gateable(module):
                 gate = TokenGate(ts_config).to(next(module.parameters()).device)
-                module.ts_gate = gate  # a child module, so τ shows up in state_dict()/named_parameters()
+                module.ts_gate = gate  # a child module, so τ and the rule state show up in state_dict()
                 self.gates[name] = gate
                 self._hooks.append(attach_gate(module, gate, self.token_mask))
         # Every call of the inner model sets the mask (None without attention_mask). It is not cleared after
@@ -186,9 +186,13 @@ class TSPeftModel(nn.Module):
 
     # ----- files -----------------------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights, whole. Under FSDP2 (`fully_shard`) they are gathered from the ranks' shards:
+        every rank must then call this (and `save_pretrained`)."""
         if isinstance(self.model, PeftModel):
-            return get_peft_model_state_dict(self.model)
-        return {k: v for k, v in self.model.state_dict().items() if _is_bottleneck_key(k, self.peft_config)}
+            weights = get_peft_model_state_dict(self.model)
+        else:
+            weights = {k: v for k, v in self.model.state_dict().items() if _is_bottleneck_key(k, self.peft_config)}
+        return {k: _whole(v) for k, v in weights.items()}
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         tensors = {f"adapter.{k}": v for k, v in self.adapter_state_dict().items()}
@@ -294,6 +298,16 @@ def _checked_gate_state(state: dict[str, torch.Tensor], name: str, folder) -> di
             and float(state["band_high"]) >= 0):
         raise ValueError(f"{folder}: the τ-rule state of module {name} is damaged (NaN or negative values)")
     return state
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's full value: FSDP2 holds each rank's shard of a parameter in a DTensor (gathering is a collective)."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            return tensor.full_tensor()
+    return tensor
 
 
 def _is_bottleneck_key(key: str, config: BottleneckConfig) -> bool:
