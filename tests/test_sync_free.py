@@ -170,20 +170,25 @@ def trained_model(case: str):
     return model, inputs
 
 
-@pytest.mark.parametrize("overflow", [False, True])
 @pytest.mark.parametrize("case", list(CASES))
-def test_training_forward_and_backward_issue_no_sync_from_the_gate(case, overflow, monkeypatch):
+def test_training_forward_and_backward_issue_no_sync_from_the_gate(case, monkeypatch):
     model, inputs = trained_model(case)
-    if overflow:  # fewer rows than band tokens: the fixed-size subset path of `band_rows`
-        monkeypatch.setattr(attach._Hooks, "band_capacity_per_band", 0.5)
-    before = {name: gate.band_stats.clone() for name, gate in model.gates.items()}
     with recording_syncs(monkeypatch) as recorder:
         loss_of(model(**inputs)).backward()
     assert recorder.syncs == [], recorder.syncs
     assert recorder.tspeft_ops > 10 * len(model.gates), "the recorder must see the gate's own ops"
-    # the band statistic was gathered in this step (a gate on BERT's pooler sees 4 tokens and may find none)
-    grown = [name for name, gate in model.gates.items() if gate.band_stats[1] > before[name][1]]
-    assert len(grown) >= len(model.gates) - 1, grown
+
+
+@pytest.mark.parametrize("case", ["dora", "adapter", "conv-lora"])
+def test_no_sync_when_the_band_overflows_its_rows(case, monkeypatch):
+    """Fewer kept rows than band tokens: the fixed-size subset path of `band_rows`, still without a sync."""
+    model, inputs = trained_model(case)
+    monkeypatch.setattr(attach._Hooks, "band_capacity_per_band", 0.5)
+    before = {name: gate.band_stats.clone() for name, gate in model.gates.items()}
+    with recording_syncs(monkeypatch) as recorder:
+        loss_of(model(**inputs)).backward()
+    assert recorder.syncs == [], recorder.syncs
+    assert all(gate.band_stats[1] > before[name][1] for name, gate in model.gates.items())
 
 
 def test_the_recorder_catches_syncs_from_tspeft(monkeypatch):
