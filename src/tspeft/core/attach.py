@@ -101,7 +101,8 @@ def band_rows(band: torch.Tensor, capacity: float) -> tuple[torch.Tensor | None,
     rows = min(n, math.ceil(capacity * n))
     if rows == n:
         return None, flat
-    index = (flat.float() + _spread(n, flat.device)).topk(rows, sorted=False).indices  # band tokens score ≥ 1
+    spread = _spread.__wrapped__(n, flat.device) if torch.compiler.is_compiling() else _spread(n, flat.device)
+    index = (flat.float() + spread).topk(rows, sorted=False).indices  # band tokens score ≥ 1
     return index, flat.index_select(0, index)
 
 
