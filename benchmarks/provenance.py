@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -16,5 +17,6 @@ def code_commit() -> str | None:
         dirty = subprocess.run([*git, "status", "--porcelain", "--", "src", "benchmarks"], capture_output=True,
                                text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None  # not a git checkout (e.g. an installed copy): the record says so with None
+        # not a git checkout (an installed copy, a tree copied to a GPU machine): what the copier said, else None
+        return os.environ.get("TSPEFT_COMMIT") or None
     return head.stdout.strip() + ("+dirty" if dirty else "")
