@@ -59,9 +59,10 @@ def env_report() -> dict:
     from provenance import code_commit
 
     names = ["transformers", "peft", "accelerate", "safetensors", "tokenizers", "deepspeed", "bitsandbytes", "numpy"]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "packages": {n: version_of(n) for n in names}, "commit": code_commit(), "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+            "cuda": torch.version.cuda, "device_name": device, "packages": {n: version_of(n) for n in names},
+            "commit": code_commit(), "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
 # ----- models ------------------------------------------------------------------------------------------------------
@@ -82,7 +83,8 @@ def llama_batch(device: str = "cuda", batch: int = 4, seq: int = 32):
     ids = torch.randint(3, 256, (batch, seq), generator=generator)
     mask = torch.ones(batch, seq, dtype=torch.long)
     mask[1, seq // 2:] = 0
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": ids.masked_fill(mask == 0, -100).to(device)}
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
 def ts_lora(model, target_kept: float = 0.5):
@@ -173,7 +175,8 @@ def deepspeed_zero2(record: dict) -> int:
         "losses finite": all(math.isfinite(v) for v in losses),
         "the gate bites (some τ > 0)": any(t > 0 for t in taus.values()),
         "kept fraction between 0.2 and 0.8": kept is not None and 0.2 < kept < 0.8,
-        "τ stays fp32 and the counts fp64 (bf16 engine)": gate.tau.dtype == torch.float32 and gate.kept_counts.dtype == torch.float64,
+        "τ stays fp32 and the counts fp64 (bf16 engine)":
+            gate.tau.dtype == torch.float32 and gate.kept_counts.dtype == torch.float64,
         "saved τ reloads": loaded.thresholds() == taus,
     })
 
@@ -189,7 +192,8 @@ def bnb_4bit(record: dict) -> int:
     from peft import get_peft_model
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
     with tempfile.TemporaryDirectory() as folder:
         tiny_llama("cpu").save_pretrained(folder)
         load = lambda: LlamaForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map={"": 0})  # noqa: E731
@@ -217,8 +221,10 @@ def bnb_4bit(record: dict) -> int:
         optimizer.step()
         model.update_thresholds()
         losses.append(float(loss))
-    record.update({"bitsandbytes": bitsandbytes.__version__, "hooks": hooks, "losses": losses, "tau": model.thresholds()})
-    return checked(record, {"τ = 0 equals peft on the 4-bit base": same_at_zero, "τ = ∞ equals the 4-bit base": same_at_inf,
+    record.update({"bitsandbytes": bitsandbytes.__version__, "hooks": hooks, "losses": losses,
+                   "tau": model.thresholds()})
+    return checked(record, {"τ = 0 equals peft on the 4-bit base": same_at_zero,
+                            "τ = ∞ equals the 4-bit base": same_at_inf,
                             "losses finite": all(math.isfinite(v) for v in losses),
                             "the gate bites (some τ > 0)": any(t > 0 for t in model.thresholds().values())})
 
@@ -230,7 +236,8 @@ def summary(steps: Path, seconds: int, out: Path) -> dict:
     for name in ("sync", "deepspeed_zero2", "bnb_4bit"):
         path = folder / f"{name}.json"
         if path.exists():
-            results[name] = {k: v for k, v in json.loads(path.read_text()).items() if k in ("status", "failed", "reason")}
+            record = json.loads(path.read_text())
+            results[name] = {k: v for k, v in record.items() if k in ("status", "failed", "reason")}
     environment = folder / "environment.json"
     return {"machine": json.loads(environment.read_text()) if environment.exists() else None, "total_seconds": seconds,
             "steps": [{"step": n, "exit": rc, "seconds": int(s)} for n, rc, s in rows], "results": results}
@@ -246,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "env-ok":
         return env_ok()
     if args.what == "pins":  # what gpu_check.sh asks pip for: the pins, plus what the checks import
-        print(" ".join([f"{name}=={version}" for name, version in pinned().items()] + ["accelerate", "safetensors", "pytest"]))
+        pins = [f"{name}=={version}" for name, version in pinned().items()]
+        print(" ".join(pins + ["accelerate", "safetensors", "pytest"]))
         return 0
     if args.what == "env-report":
         print(json.dumps(env_report(), indent=1))

@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from models import MLP, lora
 from tspeft import BottleneckConfig, TokenSelectiveConfig, get_ts_peft_model
 
 # TSPEFT_CUDA_TESTS_DEVICE=cpu runs these tests' code on the CPU (a dry run of the tests themselves; the sync check
@@ -28,27 +29,18 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(ON_CUDA and not torch.cuda.is
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class MLP(nn.Module):
-    def __init__(self, d: int = 64):
-        super().__init__()
-        self.lin0 = nn.Linear(d, 2 * d)
-        self.lin1 = nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        return self.lin1(torch.tanh(self.lin0(x)))
-
-
-def lora(dora: bool = False) -> LoraConfig:
-    return LoraConfig(r=8, lora_alpha=16, target_modules=["lin0", "lin1"], init_lora_weights=False, use_dora=dora)
+def lora_config(dora: bool = False) -> LoraConfig:
+    return lora(["lin0", "lin1"], dora=dora, r=8)
 
 
 def models(method: str, dtype: torch.dtype):
     """(TS model, ungated reference, base) with equal weights, the base in `dtype` on CUDA."""
     torch.manual_seed(0)
-    base = MLP().to(DEVICE, dtype)
+    base = MLP(64).to(DEVICE, dtype)
     if method == "adapter":
         config = BottleneckConfig(target_modules=["lin0", "lin1"], bottleneck_size=8)
-        ts_model = get_ts_peft_model(copy.deepcopy(base), config, TokenSelectiveConfig(target_kept=0.5, warmup_steps=0))
+        ts_config = TokenSelectiveConfig(target_kept=0.5, warmup_steps=0)
+        ts_model = get_ts_peft_model(copy.deepcopy(base), config, ts_config)
         with torch.no_grad():
             for name, parameter in ts_model.named_parameters():
                 if "adapter_up" in name:
@@ -56,8 +48,8 @@ def models(method: str, dtype: torch.dtype):
         reference = copy.deepcopy(ts_model)
         reference._remove_gates()
         return ts_model.to(DEVICE), reference.model.to(DEVICE), base
-    reference = get_peft_model(copy.deepcopy(base), lora(method == "dora")).to(DEVICE)
-    ts_model = get_ts_peft_model(copy.deepcopy(base), lora(method == "dora"),
+    reference = get_peft_model(copy.deepcopy(base), lora_config(method == "dora")).to(DEVICE)
+    ts_model = get_ts_peft_model(copy.deepcopy(base), lora_config(method == "dora"),
                                  TokenSelectiveConfig(target_kept=0.5, warmup_steps=0)).to(DEVICE)
     set_peft_model_state_dict(ts_model.model, get_peft_model_state_dict(reference))
     return ts_model, reference, base
@@ -103,7 +95,7 @@ def _sync_free_model(case: str):
     if case == "adapter":
         model, _, _ = models("adapter", torch.float32)
     else:
-        model = get_ts_peft_model(MLP(), lora(case == "dora"), config).to(DEVICE)
+        model = get_ts_peft_model(MLP(64), lora_config(case == "dora"), config).to(DEVICE)
     return model, torch.randn(4, 96, 64, device=DEVICE)
 
 

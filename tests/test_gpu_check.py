@@ -30,7 +30,8 @@ def test_gpu_check_without_cuda_exits_2_with_one_line():
                             env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"gpu_check: no CUDA device visible to {sys.executable} (torch.cuda.is_available() is False): nothing to check"]
+        f"gpu_check: no CUDA device visible to {sys.executable} (torch.cuda.is_available() is False): "
+        "nothing to check"]
 
 
 @no_cuda
@@ -54,7 +55,8 @@ def test_summary_collects_steps_and_results(tmp_path):
     (tmp_path / "steps.tsv").write_text("env\t0\t12\ncuda-tests\t1\t80\nbnb-4bit\tskipped: time budget spent\t0\n")
     (tmp_path / "deepspeed_zero2.json").write_text(json.dumps({"status": "failed", "failed": ["x"], "losses": [1.0]}))
     out = tmp_path / "gpu_check.json"
-    assert gpu_extras.main(["summary", "--steps", str(tmp_path / "steps.tsv"), "--seconds", "95", "--out", str(out)]) == 0
+    steps = str(tmp_path / "steps.tsv")
+    assert gpu_extras.main(["summary", "--steps", steps, "--seconds", "95", "--out", str(out)]) == 0
     summary = json.loads(out.read_text())
     assert summary["steps"][1] == {"step": "cuda-tests", "exit": "1", "seconds": 80} and summary["total_seconds"] == 95
     assert summary["results"] == {"deepspeed_zero2": {"status": "failed", "failed": ["x"]}}
@@ -64,7 +66,8 @@ def test_trim_wheel_keeps_one_cuda_library_and_a_valid_record(tmp_path):
     source = tmp_path / "src" / "bitsandbytes-1.0-py3-none-any.whl"
     source.parent.mkdir()
     files = {"bitsandbytes/__init__.py": b"x", "bitsandbytes/libbitsandbytes_cpu.so": b"c",
-             "bitsandbytes/libbitsandbytes_cuda130.so": b"k" * 10, "bitsandbytes/libbitsandbytes_cuda128.so": b"d" * 99,
+             "bitsandbytes/libbitsandbytes_cuda130.so": b"k" * 10,
+             "bitsandbytes/libbitsandbytes_cuda128.so": b"d" * 99,
              "bitsandbytes/libbitsandbytes_rocm72.so": b"r", "bitsandbytes-1.0.dist-info/RECORD": b"stale"}
     with zipfile.ZipFile(source, "w") as wheel:
         for name, data in files.items():

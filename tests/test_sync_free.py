@@ -18,13 +18,13 @@ import sys
 
 import pytest
 import torch
-from peft import LoraConfig
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tspeft
 import tspeft.core.attach as attach
-from tspeft import BottleneckConfig, TokenSelectiveConfig, get_ts_peft_model
+from models import MLP, lora, method_config, tiny_bert
+from tspeft import TokenSelectiveConfig, get_ts_peft_model
 
 TSPEFT_DIR = os.path.dirname(tspeft.__file__)
 TORCH_DIR = os.path.dirname(torch.__file__)
@@ -89,16 +89,6 @@ def recording_syncs(monkeypatch):
 
 
 # ----- tiny models, one per hook kind ------------------------------------------------------------------------
-class MLP(nn.Module):
-    def __init__(self, d: int = 12):
-        super().__init__()
-        self.lin0 = nn.Linear(d, 2 * d)
-        self.lin1 = nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        return self.lin1(torch.tanh(self.lin0(x)))
-
-
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -106,18 +96,6 @@ class ConvNet(nn.Module):
 
     def forward(self, x):
         return self.conv(x)
-
-
-def tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=32, num_labels=2)
-    return BertForSequenceClassification(config)
-
-
-def lora(targets, dora=False):
-    return LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=dora)
 
 
 def bert_inputs():
@@ -129,13 +107,16 @@ def bert_inputs():
             "labels": torch.tensor([0, 1, 1, 0])}
 
 
+def mlp_inputs():
+    return {"x": torch.randn(4, 16, 12)}
+
+
 CASES = {  # name -> (base, peft/adapter config, inputs, hook class expected)
-    "lora": (MLP, lambda: lora(["lin0", "lin1"]), lambda: {"x": torch.randn(4, 16, 12)}, attach.LoraDownProjectionHooks),
-    "dora": (MLP, lambda: lora(["lin0", "lin1"], dora=True), lambda: {"x": torch.randn(4, 16, 12)},
-             attach.DoraUpdateHooks),
-    "adapter": (MLP, lambda: BottleneckConfig(target_modules=["lin0", "lin1"], bottleneck_size=4),
-                lambda: {"x": torch.randn(4, 16, 12)}, attach.OutputDifferenceHooks),
-    "conv-lora": (ConvNet, lambda: lora(["conv"]), lambda: {"x": torch.randn(2, 3, 6, 6)}, attach.OutputDifferenceHooks),
+    "lora": (MLP, lambda: method_config("lora"), mlp_inputs, attach.LoraDownProjectionHooks),
+    "dora": (MLP, lambda: method_config("dora"), mlp_inputs, attach.DoraUpdateHooks),
+    "adapter": (MLP, lambda: method_config("adapter"), mlp_inputs, attach.OutputDifferenceHooks),
+    "conv-lora": (ConvNet, lambda: lora(["conv"]), lambda: {"x": torch.randn(2, 3, 6, 6)},
+                  attach.OutputDifferenceHooks),
     "bert-lora": (tiny_bert, lambda: lora(["query", "value", "dense"]), bert_inputs, attach.LoraDownProjectionHooks),
     "bert-dora": (tiny_bert, lambda: lora(["query", "value"], dora=True), bert_inputs, attach.DoraUpdateHooks),
 }
