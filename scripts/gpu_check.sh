@@ -5,9 +5,9 @@
 #   RESULTS=/some/dir bash scripts/gpu_check.sh   # results in /some/dir/gpu-<device name>/
 #
 # Steps (each under its own time limit; a failed step is recorded and the next one runs):
-#   env        packages: whatever the machine lacks of the pinned stack is installed from wheels/
-#              (scripts/fetch_gpu_wheels.sh, run beforehand where PyPI is reachable) into .gpu-venv, a venv that
-#              sees the machine's own torch (--system-site-packages)
+#   env        packages: the wheels of wheels/ (scripts/fetch_gpu_wheels.sh, run beforehand where PyPI is
+#              reachable) unpacked into a site folder first on PYTHONPATH (scripts/gpu_env.sh); torch stays the
+#              machine's own
 #   cuda-tests pytest -m cuda tests/test_cuda.py: the gate on CUDA in fp32/bf16/fp16 (τ = 0 ≡ peft, τ = ∞ ≡ base,
 #              training), no host sync in a training step (torch.cuda.set_sync_debug_mode("error")), Trainer bf16,
 #              greedy generation with a KV cache
@@ -53,20 +53,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to NAME.log
     echo "== $name: exit $rc in $(( $(date +%s) - began ))s"
 }
 
-install_missing() {  # the pinned packages the machine lacks, from wheels/ only (no index)
-    if [ ! -d wheels ]; then
-        "$PY" scripts/gpu_extras.py env-ok && { echo "no wheels/; the machine's packages match the pins"; return 0; }
-        echo "wheels/ is missing: run scripts/fetch_gpu_wheels.sh where PyPI is reachable, and carry wheels/"
-        return 1
-    fi
-    [ -x .gpu-venv/bin/python ] || "$PY" -m venv --system-site-packages .gpu-venv || return 1
-    # pip resolves against wheels/ and the machine's packages: only what is missing or too old is installed
-    .gpu-venv/bin/python -m pip install -q --no-index --find-links wheels --disable-pip-version-check \
-        $("$PY" scripts/gpu_extras.py pins) $(ls wheels/deepspeed-*.whl wheels/bitsandbytes-*.whl 2>/dev/null) || return 1
-    .gpu-venv/bin/python scripts/gpu_extras.py env-ok
-}
-step env 90 install_missing
-[ -x .gpu-venv/bin/python ] && PY=$ROOT/.gpu-venv/bin/python
+SITE=${GPU_SITE:-/tmp/tspeft-gpu-site}
+step env 90 bash scripts/gpu_env.sh "$PY" "$SITE"
+[ -d "$SITE" ] && export PYTHONPATH="$ROOT/src:$SITE${PYTHONPATH#"$ROOT/src"}"
 "$PY" scripts/gpu_extras.py env-report > "$OUT_DIR/environment.json" 2>/dev/null
 
 step cuda-tests 150 "$PY" -m pytest -m cuda tests/test_cuda.py -q -rA -p no:cacheprovider --junitxml="$OUT_DIR/cuda_tests.xml"

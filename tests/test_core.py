@@ -356,3 +356,26 @@ def test_adapter_saved_before_the_allocated_kept_rename_still_loads():
     assert loaded.allocated_kept() == {"0": 0.25, "2": 0.75}
     assert loaded.thresholds() == pytest.approx({"0": 0.1, "2": 0.2})
     assert int(loaded.rule_step) == 7
+
+
+class _NoInputGradient(torch.autograd.Function):
+    """Doubles its input and gives it no gradient (as bitsandbytes' 4-bit matmul did on CPU after an eval pass)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adapter"])
+def test_a_gated_output_without_gradient_records_nothing_and_does_not_fail(method):
+    """Autograd calls the gate's backward hook with None when nothing downstream gives the output a gradient."""
+    from models import ts_mlp
+
+    model = ts_mlp(method, target_kept=0.5, warmup_steps=0).train()
+    x = torch.randn(2, 5, 12)
+    _NoInputGradient.apply(model(x)).sum().backward()
+    assert all(float(gate.band_stats[1]) == 0 for gate in model.gates.values())

@@ -19,7 +19,7 @@ import trim_wheel  # noqa: E402
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
 
 
-@pytest.mark.parametrize("script", ["gpu_check.sh", "fetch_gpu_wheels.sh"])
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_env.sh", "fetch_gpu_wheels.sh"])
 def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], check=True)
 

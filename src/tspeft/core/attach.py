@@ -130,8 +130,12 @@ class _Hooks:
         """Keep the band rows of M(x) and add their c_i = ⟨∂L/∂h_i, M(x_i)⟩ to the gate's statistics in backward."""
         index, weight = band_rows(band, self.band_capacity)
         update_rows = take_rows(update.detach().movedim(feature_dim, -1), index).float()
-        gated.register_hook(lambda grad: self.gate.record_band(
-            (take_rows(grad.movedim(feature_dim, -1), index).float() * update_rows).sum(-1), weight))
+
+        def record(grad: torch.Tensor | None) -> None:
+            if grad is not None:  # None: autograd found no gradient for this output (nothing to record)
+                changes = (take_rows(grad.movedim(feature_dim, -1), index).float() * update_rows).sum(-1)
+                self.gate.record_band(changes, weight)
+        gated.register_hook(record)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -195,7 +199,8 @@ class LoraDownProjectionHooks(_Hooks):
         gated = z * keep.unsqueeze(-1)  # bool × float: no dtype copy of the mask
         if self._wants_band(gated):
             band = self.gate.in_band(r, real)  # z is rank-sized: keep it whole rather than index (no GPU sync)
-            gated.register_hook(lambda grad: self.gate.record_band((grad.float() * z32).sum(-1), band))
+            gated.register_hook(lambda grad: None if grad is None else
+                                self.gate.record_band((grad.float() * z32).sum(-1), band))
         return gated
 
     def _scaled_gram(self, up: torch.Tensor) -> torch.Tensor:
