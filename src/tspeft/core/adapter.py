@@ -16,6 +16,8 @@ from typing import Any
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
+from .targets import ADAPTABLE, out_features
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
@@ -49,14 +51,15 @@ class BottleneckConfig:
 
 
 class BottleneckLayer(nn.Module):
-    """Wraps a frozen linear layer; only `adapter_down` / `adapter_up` train."""
+    """Wraps a frozen linear layer (nn.Linear or GPT-2's Conv1D); only `adapter_down` / `adapter_up` train."""
 
-    def __init__(self, base_layer: nn.Linear, config: BottleneckConfig):
+    def __init__(self, base_layer: nn.Module, config: BottleneckConfig):
         super().__init__()
         self.base_layer = base_layer
-        self.adapter_down = nn.Linear(base_layer.out_features, config.bottleneck_size)
+        width = out_features(base_layer)
+        self.adapter_down = nn.Linear(width, config.bottleneck_size)
         self.adapter_act = ACTIVATIONS[config.non_linearity]()
-        self.adapter_up = nn.Linear(config.bottleneck_size, base_layer.out_features)
+        self.adapter_up = nn.Linear(config.bottleneck_size, width)
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
         self.to(base_layer.weight.device)
@@ -68,13 +71,13 @@ class BottleneckLayer(nn.Module):
 
 
 def inject_bottleneck_adapters(model: nn.Module, config: BottleneckConfig) -> list[str]:
-    """Replace every matching nn.Linear by a `BottleneckLayer`; freeze all else. Returns adapted names."""
+    """Replace every matching nn.Linear / Conv1D by a `BottleneckLayer`; freeze all else. Returns adapted names."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and bool(check_target_module_exists(config, name))]
+             if isinstance(module, ADAPTABLE) and bool(check_target_module_exists(config, name))]
     if not names:
-        raise ValueError(f"BottleneckConfig.target_modules={config.target_modules!r} matched no nn.Linear in "
+        raise ValueError(f"BottleneckConfig.target_modules={config.target_modules!r} matched no nn.Linear/Conv1D in "
                          f"{type(model).__name__}")
     for name, module in model.named_modules():
         if any(name == m or name.endswith(f".{m}") for m in config.modules_to_save or []):

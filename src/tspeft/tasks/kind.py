@@ -55,6 +55,20 @@ class TaskKind:
         return f"<task kind {self.name}>"
 
     # ----- users' files
+    def claims(self, header: set[str], columns: dict[str, str | None]) -> bool:
+        """Whether a user's file with the keys ``header`` holds this kind's data: its marker role's column
+        (as ``columns`` names it, else the role's own name) is there."""
+        return self.marker_role is not None and (columns.get(self.marker_role) or self.marker_role) in header
+
+    def configured(self, settings: dict[str, Any], train: list[Example]) -> "TaskKind":
+        """This kind with a run's own settings (`settings`: the run configuration's fields, e.g. decoding
+        options; `train`: its training examples). Kinds without such settings return themselves."""
+        return self
+
+    def settings(self) -> dict[str, Any] | None:
+        """The run settings this kind was configured with (recorded in metrics.json), None if it has none."""
+        return None
+
     def column_map(self, columns: dict[str, str] | None = None) -> dict[str, str]:
         """Role -> column name: each role's own name unless ``columns`` renames it; ValueError on unknown roles."""
         unknown = set(columns or {}) - set(self.roles)

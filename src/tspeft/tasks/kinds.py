@@ -6,12 +6,14 @@ A new kind is one module defining a `TaskKind` subclass and its instance, plus o
 from __future__ import annotations
 
 from .classification import CLASSIFICATION
+from .generation import GENERATION
 from .kind import TaskKind
 from .multiple_choice import MULTIPLE_CHOICE
 
 TASK_KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (
     CLASSIFICATION,
     MULTIPLE_CHOICE,
+    GENERATION,
 )}
 DEFAULT_KIND = CLASSIFICATION  # a user's file that no kind's marker column claims
 
@@ -26,9 +28,10 @@ def get_kind(name: str | TaskKind) -> TaskKind:
 
 
 def kind_for_columns(header: set[str], columns: dict[str, str | None]) -> TaskKind:
-    """The kind of a user's file whose rows hold the keys ``header``: the first kind whose marker role's column
-    (``columns[role]`` as the user named it, else the role's own name) is there; otherwise ``DEFAULT_KIND``."""
+    """The kind of a user's file whose rows hold the keys ``header``: the first kind that claims it (by default:
+    its marker role's column, ``columns[role]`` as the user named it or the role's own name, is there);
+    otherwise ``DEFAULT_KIND``."""
     for kind in TASK_KINDS.values():
-        if kind.marker_role is not None and (columns.get(kind.marker_role) or kind.marker_role) in header:
+        if kind.claims(header, columns):
             return kind
     return DEFAULT_KIND

@@ -16,6 +16,7 @@ from torch import nn
 from ..core.adapter import BottleneckConfig, inject_bottleneck_adapters
 from ..core.config import TokenSelectiveConfig
 from ..core.model import get_ts_peft_model
+from ..core.targets import uses_conv1d
 from ..tasks.kind import TaskKind
 from ..tasks.kinds import get_kind
 from .defaults import DEFAULTS, base_method
@@ -30,7 +31,8 @@ def load_base(model_name_or_path: str, task_kind: str | TaskKind, num_labels: in
 
 def build_model(method: str, base: nn.Module, task_kind: str | TaskKind, *, rank: int | None = None,
                 target_modules: list[str] | None = None, target_kept: float | None = DEFAULTS.target_kept,
-                warmup_steps: int | None = None, ramp_steps: int = 0) -> nn.Module:
+                warmup_steps: int | None = None, ramp_steps: int = 0, lora_alpha: float | None = None,
+                lora_dropout: float | None = None) -> nn.Module:
     """Attach `method`'s adapter to `base` (a loaded transformers model); returns the model to train.
 
     ts-*: a TSPeftModel; lora/dora: a peft PeftModel; adapter: `base` with ungated bottleneck adapters;
@@ -40,7 +42,7 @@ def build_model(method: str, base: nn.Module, task_kind: str | TaskKind, *, rank
     check_method(method)
     kind = base_method(method)
     task_kind = get_kind(task_kind)
-    targets = target_modules or target_modules_for(base)
+    targets = target_modules_for(base, target_modules)
     heads = head_names(base) if task_kind.has_head else []
     if kind == "none":
         for name, parameter in base.named_parameters():
@@ -51,9 +53,11 @@ def build_model(method: str, base: nn.Module, task_kind: str | TaskKind, *, rank
                                        modules_to_save=heads or None)
     else:
         rank = rank or DEFAULTS.rank
-        peft_config = LoraConfig(r=rank, lora_alpha=int(DEFAULTS.alpha_per_rank * rank),
-                                 lora_dropout=DEFAULTS.lora_dropout,
+        alpha = DEFAULTS.alpha_per_rank * rank if lora_alpha is None else lora_alpha
+        peft_config = LoraConfig(r=rank, lora_alpha=alpha,
+                                 lora_dropout=DEFAULTS.lora_dropout if lora_dropout is None else lora_dropout,
                                  target_modules=targets, use_dora=(kind == "dora"), task_type=task_kind.peft_task_type,
+                                 fan_in_fan_out=uses_conv1d(base, targets),  # GPT-2's Conv1D stores W transposed
                                  modules_to_save=heads or None)
     if method.startswith("ts-"):
         ts_config = TokenSelectiveConfig(target_kept=target_kept,
@@ -70,4 +74,5 @@ def build_model(method: str, base: nn.Module, task_kind: str | TaskKind, *, rank
 def build_for_plan(plan: TrainPlan, base: nn.Module) -> nn.Module:
     """`build_model` with the plan's resolved settings."""
     return build_model(plan.method, base, plan.kind, rank=plan.rank, target_modules=plan.target_modules,
-                       target_kept=plan.target_kept, warmup_steps=plan.warmup_steps, ramp_steps=plan.ramp_steps or 0)
+                       target_kept=plan.target_kept, warmup_steps=plan.warmup_steps, ramp_steps=plan.ramp_steps or 0,
+                       lora_alpha=plan.lora_alpha, lora_dropout=plan.lora_dropout)

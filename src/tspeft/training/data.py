@@ -6,6 +6,11 @@ collator, scoring, model kind) is the task kind's (`tspeft.tasks.kinds`):
     classification:   {"text": str, "text_pair": str | None, "label": int}
     multiple choice:  {"question": str, "options": [str, ...], "answer": int}   (causal LM, answer-only loss,
                                                                                   length-normalised log-likelihood)
+    generation:       {"prompt": str, "response": str} or {"messages": [...]}  (causal LM, response-only loss,
+                                                                                  greedy decoding, exact match)
+
+A kind with run settings (generation: answer pattern, new tokens, few-shot) is configured here, from the
+run's configuration, else the saved run's settings (`tspeft eval`), else the shipped task's defaults.
 """
 
 from __future__ import annotations
@@ -72,13 +77,35 @@ def _role_columns(cfg, kind: TaskKind) -> dict[str, str]:
     return {role: columns[role] for role in kind.roles if columns.get(role) is not None}
 
 
-def load_data(cfg, labels: LabelSet | None = None, kind: str | TaskKind | None = None) -> TaskData:
+KIND_SETTINGS = ("answer_pattern", "max_new_tokens", "few_shot")  # run settings a kind may take (configured)
+
+
+def kind_settings(cfg, saved: dict[str, Any] | None, spec=None) -> dict[str, Any]:
+    """The kind's run settings: the configuration's, else the saved run's, else the shipped task's default."""
+    settings = {}
+    for key in KIND_SETTINGS:
+        value = getattr(cfg, key, None)
+        if value is None and key != "few_shot":  # a saved few-shot run is re-evaluated as it was trained: none
+            value = (saved or {}).get(key)
+        settings[key] = value if value is not None else getattr(spec, key, None)
+    return settings
+
+
+def load_data(cfg, labels: LabelSet | None = None, kind: str | TaskKind | None = None,
+              saved_settings: dict[str, Any] | None = None) -> TaskData:
     """The run's examples: a shipped task (`cfg.task`) or user files (`cfg.data`, `cfg.eval_data`).
 
     `labels` (evaluating a saved run: its label set): the eval examples are mapped through it by value, and
     a label it lacks is an error. `kind` (a saved run's) skips guessing the kind of a user's file from its
-    columns.
+    columns; `saved_settings` are that run's kind settings (see `kind_settings`).
     """
+    data = _load_examples(cfg, labels, kind)
+    spec = tasks_data.get_task(cfg.task) if cfg.task else None
+    data.kind = data.kind.configured(kind_settings(cfg, saved_settings, spec), data.train)
+    return data
+
+
+def _load_examples(cfg, labels: LabelSet | None, kind: str | TaskKind | None) -> TaskData:
     if cfg.task:
         spec = tasks_data.get_task(cfg.task)
         train, evaluation = tasks_data.load_task(cfg.task, n_train=cfg.n_train or None, n_eval=cfg.n_eval,

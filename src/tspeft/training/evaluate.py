@@ -66,7 +66,7 @@ def evaluate(args) -> dict[str, Any]:
     model_name = _base_model_name(cfg, folder, run)
     cfg = _data_inputs(cfg, run)
     kind = run.get("task_kind")
-    task_data = load_data(cfg, labels=read_labels(folder, run), kind=kind)
+    task_data = load_data(cfg, labels=read_labels(folder, run), kind=kind, saved_settings=run.get("generation"))
     if kind and task_data.kind.name != kind:
         raise ValueError(f"the adapter was trained for {kind}, but the data is {task_data.kind.name}")
     task_kind = task_data.kind
@@ -84,4 +84,5 @@ def evaluate(args) -> dict[str, Any]:
                    "accuracy": evaluation["accuracy"],
                    "kept_fraction": evaluation.get("kept_fraction") if gated else (None if method == "none" else 1.0),
                    "per_module": evaluation.get("per_module"), "n_eval": len(task_data.eval),
+                   **{key: evaluation[key] for key in ("eval_loss", "perplexity") if key in evaluation},
                    "eval_seconds": evaluation["eval_seconds"], "bf16": bool(bf16)})

@@ -57,7 +57,12 @@ def training_arguments(cfg: TrainConfig, plan: TrainPlan, checkpoints: Path,
     return TrainingArguments(
         output_dir=str(checkpoints), seed=cfg.seed, learning_rate=plan.lr, num_train_epochs=plan.epochs,
         max_steps=plan.max_steps if plan.max_steps else -1, per_device_train_batch_size=plan.batch_size,
-        weight_decay=DEFAULTS.weight_decay, logging_steps=cfg.logging_steps or DEFAULTS.logging_steps,
+        weight_decay=DEFAULTS.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
+        # transformers 5 names: a warm-up ratio is a warmup_steps value below 1; gradient = activation checkpointing
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        warmup_steps=cfg.warmup_ratio or 0.0, lr_scheduler_type=cfg.lr_scheduler, max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps or DEFAULTS.logging_steps,
         logging_first_step=True, remove_unused_columns=False, report_to=[],
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
         disable_tqdm=False, use_cpu=device.type == "cpu", label_names=["labels"], dataloader_num_workers=0,

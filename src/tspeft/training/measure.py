@@ -27,14 +27,16 @@ from .wrappers import unwrap_ts_model
 @torch.no_grad()
 def evaluate_model(model: nn.Module, tokenizer, task_data: TaskData, max_length: int, batch_size: int,
                    device: torch.device) -> dict[str, Any]:
-    """Accuracy on task_data.eval and (gated models) the kept fraction measured during this evaluation."""
+    """Accuracy on task_data.eval (and any further metrics of the kind, e.g. generation's eval_loss, perplexity
+    and predictions) and (gated models) the kept fraction measured during this evaluation (for generation: over
+    the tokens the decoding processed; the kind resets the counts after its loss pass)."""
     model.to(device).eval()
     ts_model = unwrap_ts_model(model)
     if ts_model is not None:
         ts_model.reset_stats()
     start = time.perf_counter()
-    accuracy = task_data.kind.evaluate(model, tokenizer, task_data.eval, batch_size, max_length, device)["accuracy"]
-    result = {"accuracy": accuracy, "eval_seconds": round(time.perf_counter() - start, 3)}
+    scores = task_data.kind.evaluate(model, tokenizer, task_data.eval, batch_size, max_length, device)
+    result = {**scores, "eval_seconds": round(time.perf_counter() - start, 3)}
     if ts_model is not None:
         ts_model.reduce_stats()
         result["kept_fraction"] = ts_model.kept_fraction()
@@ -67,7 +69,7 @@ def record_token_masks(model: nn.Module, tokenizer, task_data: TaskData, max_len
                 if mask is not None and mask.dim() == 2 and mask.shape[1] == len(ids):
                     masks[name] = [int(v) for v in mask[0].tolist()]
             examples.append({"tokens": tokenizer.convert_ids_to_tokens(ids), "masks": masks,
-                             task_data.kind.gold_role: ex[task_data.kind.gold_role]})
+                             task_data.kind.gold_role: ex.get(task_data.kind.gold_role)})  # a chat has none
     finally:
         for gate in ts_model.gates.values():
             gate.record_keep_mask = False

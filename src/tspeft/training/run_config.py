@@ -36,6 +36,11 @@ class RunInputs:
     question_column: str = "question"
     options_column: str = "options"
     answer_column: str = "answer"
+    prompt_column: str | None = None  # generation: None = the role's own name
+    response_column: str | None = None
+    messages_column: str | None = None  # generation from chats (rendered with the tokenizer's chat template)
+    answer_pattern: str | None = None  # generation: regex extracting the answer (default: the task's, else none)
+    max_new_tokens: int | None = None  # generation: greedy decoding length (default: the kind's)
     model: str | None = None
     seed: int = 0
     max_length: int | None = None
@@ -69,6 +74,17 @@ class TrainConfig(RunInputs):
     save_steps: int | None = None  # Trainer checkpoint every N optimizer steps into <out>/checkpoints
     resume_from_checkpoint: str | None = None  # a checkpoint folder, a folder of checkpoint-N folders, or "last"
     overwrite: bool = False  # replace a finished run at `out` (whole); without it such a run is refused
+    few_shot: int | None = None  # generation, method none: prefix eval prompts with this many training examples
+    # As in peft / transformers' TrainingArguments (None: tspeft's default, see training/defaults.py):
+    target_modules: list[str] | None = None  # layer names or name endings (peft's matching)
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    warmup_ratio: float | None = None  # learning-rate warm-up (τ's warm-up is `warmup_steps`)
+    lr_scheduler: str = "linear"
+    weight_decay: float | None = None
+    max_grad_norm: float = 1.0
 
 
 @dataclass(kw_only=True)
@@ -92,6 +108,8 @@ class TrainPlan:
     max_steps: int | None
     rank: int  # reported rank: LoRA/DoRA rank or bottleneck size
     target_modules: list[str] | None  # None: the architecture's defaults (`targets.target_modules_for`)
+    lora_alpha: float  # LoRA / DoRA scaling numerator (scaling = alpha / rank)
+    lora_dropout: float
     target_kept: float | None  # ts-* only; None also for the loss-driven rule
     warmup_steps: int | None  # ts-* only: as fitted to the run (`fit_gate_schedule`)
     ramp_steps: int | None  # ts-* only: as fitted to the run
@@ -162,15 +180,23 @@ def resolve_train(cfg: TrainConfig, task_data: TaskData) -> TrainPlan:
     schedule = {}
     if gated:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
-        schedule = _gate_schedule(cfg, planned_steps(len(task_data.train), batch_size, world_size, epochs,
+        per_step = batch_size * cfg.gradient_accumulation_steps  # examples per optimizer step and process
+        schedule = _gate_schedule(cfg, planned_steps(len(task_data.train), per_step, world_size, epochs,
                                                      cfg.max_steps))
-    targets = top_k_modules(cfg.modules_from, cfg.criterion, cfg.top_k) if cfg.modules_from else None
+    if cfg.modules_from and cfg.target_modules:
+        raise ValueError("--target-modules and --modules-from both choose the modules to adapt: give one")
+    if cfg.few_shot and cfg.method != "none":
+        raise ValueError(f"--few-shot: a frozen few-shot baseline is --method none, not {cfg.method}")
+    targets = top_k_modules(cfg.modules_from, cfg.criterion, cfg.top_k) if cfg.modules_from else cfg.target_modules
     default_rank = DEFAULTS.bottleneck_size if base_method(cfg.method) == "adapter" else DEFAULTS.rank
     return TrainPlan(
         method=cfg.method, kind=kind, model_name=cfg.model or kind.default_model,
         max_length=cfg.max_length or kind.default_max_length, batch_size=batch_size,
         eval_batch_size=batch_size * DEFAULTS.eval_batch_factor, lr=cfg.lr or default_lr(cfg.method), epochs=epochs,
         max_steps=cfg.max_steps, rank=cfg.rank or default_rank, target_modules=targets,
+        lora_alpha=(DEFAULTS.alpha_per_rank * (cfg.rank or DEFAULTS.rank) if cfg.lora_alpha is None
+                    else cfg.lora_alpha),
+        lora_dropout=DEFAULTS.lora_dropout if cfg.lora_dropout is None else cfg.lora_dropout,
         target_kept=cfg.target_kept if gated else None,
         warmup_steps=schedule.get("warmup_steps"), ramp_steps=schedule.get("ramp_steps"),
         warmup_steps_requested=schedule.get("warmup_steps_requested"), target_reached=schedule.get("target_reached"),

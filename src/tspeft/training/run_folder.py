@@ -45,6 +45,7 @@ METRICS = "metrics.json"
 TRAIN_LOG = "train_log.jsonl"
 TOKEN_MASKS = "token_masks.json"
 TOKEN_STATS = "token_stats.json"
+PREDICTIONS = "predictions.json"  # generation: the first eval examples' prompts, references and predictions
 TS_CONFIG = MANIFEST  # a token-selective adapter's manifest (tspeft.core.io)
 PEFT_CONFIG = "adapter_config.json"  # a peft adapter (for a ts-* folder: the stub that stops plain peft)
 PEFT_WEIGHTS = "adapter_model.safetensors"

@@ -1,6 +1,7 @@
 """Which modules a run adapts: the architecture's defaults, or the top k of an importance ranking.
 
-    target_modules_for(model)                                  # DEFAULTS.target_modules by config.model_type
+    target_modules_for(model)                   # tspeft's defaults by config.model_type, else peft's (core/targets.py)
+    target_modules_for(model, ["q_proj", "v_proj"])            # the user's (--target-modules)
     top_k_modules("runs/rt/importance.json", "kept_fraction", 8)   # written by `tspeft importance`
 
 An importance file is ``{"scores": {criterion: {module: score}}, ...}``; modules rank by descending score, ties
@@ -15,21 +16,16 @@ from pathlib import Path
 
 from torch import nn
 
+from ..core.targets import target_module_names
 from .defaults import DEFAULTS
 
 
-def target_modules_for(model: nn.Module) -> list[str]:
-    """Full names of the Linear layers to adapt: the model type's default suffixes (any Linear for an unknown
-    type), outside the heads and the pooler (it sees one token per sequence: gating it would select examples)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    suffixes = DEFAULTS.target_modules.get(model_type)
-    skip = set(DEFAULTS.head_modules) | {"lm_head", "pooler"}
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and not (set(name.split(".")) & skip)
-             and (suffixes is None or name.rsplit(".", 1)[-1] in suffixes)]
-    if not names:
-        raise ValueError(f"no nn.Linear layers to adapt in {type(model).__name__}")
-    return names
+def target_modules_for(model: nn.Module, given: list[str] | None = None) -> list[str]:
+    """Full names of the Linear/Conv1D layers to adapt: `given` (peft's matching: full names or name endings),
+    else tspeft's defaults for the model type, else peft's; by default outside the heads and the pooler (it
+    sees one token per sequence: gating it would select examples). A type with neither raises ValueError."""
+    return target_module_names(model, DEFAULTS.target_modules, set(DEFAULTS.head_modules) | {"lm_head", "pooler"},
+                               given)
 
 
 def head_names(model: nn.Module) -> list[str]:

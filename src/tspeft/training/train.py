@@ -28,7 +28,16 @@ from .data import TaskData, column_names, load_data
 from .fit import Fitted, fit, training_arguments
 from .measure import measure_run
 from .run_config import TrainConfig, TrainPlan, check_method, precision, resolve_device, resolve_train
-from .run_folder import CHECKPOINTS, LABELS, METRICS, json_safe, resolve_checkpoint, save_adapter, write_json
+from .run_folder import (
+    CHECKPOINTS,
+    LABELS,
+    METRICS,
+    PREDICTIONS,
+    json_safe,
+    resolve_checkpoint,
+    save_adapter,
+    write_json,
+)
 from .wrappers import unwrap_ts_model
 
 
@@ -99,6 +108,8 @@ def _run(cfg: TrainConfig, plan: TrainPlan, task_data: TaskData, training_args, 
                                     training_args.world_size, staging.as_published(resume, Path(cfg.out)),
                                     device.type))
     if is_main:
+        if "predictions" in evaluation:
+            write_json(folder / PREDICTIONS, evaluation["predictions"])
         write_json(folder / METRICS, metrics)
     _debug_rank_dump(training_args, ts_model, metrics, is_main)
     return metrics
@@ -131,6 +142,8 @@ def run_metrics(cfg: TrainConfig, plan: TrainPlan, task_data: TaskData, fitted: 
         "mean_tau": (sum(taus.values()) / len(ts_model.gates)) if gated and ts_model.gates else None,
         "train_seconds": round(fitted.train_seconds, 3), "train_steps": fitted.train_steps,
         "final_train_loss": fitted.final_loss, "eval_seconds": evaluation["eval_seconds"],
+        **{key: evaluation[key] for key in ("eval_loss", "perplexity") if key in evaluation},
+        "generation": plan.kind.settings(),
         "trainable_params": parameters[0], "total_params": parameters[1],
         "n_train": len(task_data.train) if not plan.zero_shot else 0, "n_eval": len(task_data.eval),
         "num_labels": task_data.num_labels, "label_names": task_data.label_names,
