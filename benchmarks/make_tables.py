@@ -39,6 +39,14 @@ def fmt(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+FROZEN_NAMES = {"none": "none (zero-shot)", "none-3shot": "none (3-shot)"}  # nothing trained (quality.py FEW_SHOT)
+
+
+def is_frozen(method: str) -> bool:
+    """A baseline that trains nothing: zero-shot (`none`) or few-shot (`none-<k>shot`)."""
+    return method == "none" or method.startswith("none-")
+
+
 def grouped(records: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
     table: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
@@ -65,7 +73,7 @@ def quality_section(records: list[dict]) -> list[str]:
     for (model, task), methods in table:
         for method, runs in sorted(methods.items()):
             kept = [r["kept_fraction"] for r in runs if r.get("kept_fraction") is not None]
-            name = "none (zero-shot)" if method == "none" else method
+            name = FROZEN_NAMES.get(method, method)
             lines.append(f"| {model} | {task} | {name} | {len(runs)} | {fmt([r['accuracy'] for r in runs])} | "
                          f"{fmt(kept, 2)} | {fmt([r['train_seconds'] for r in runs], 0)} |")
         majority = majorities[(model, task)]
@@ -93,13 +101,14 @@ def quality_section(records: list[dict]) -> list[str]:
                          f"{'yes' if holds else 'no'} |")
     lines.append("")
     for (model, task), methods in table:
-        trained = [r["accuracy"] for method, runs in methods.items() if method != "none" for r in runs]
+        trained = [r["accuracy"] for method, runs in methods.items() if not is_frozen(method) for r in runs]
         if len(trained) > 1 and len(set(trained)) == 1:
             # Every run scoring exactly the same means the classifiers predict one class: no evidence either way.
             lines.append(f"- {model} / {task}: all {len(trained)} trained runs score exactly {trained[0]:.3f}, i.e. "
                          "they predict a single class; this task gives no evidence for or against the claim at "
                          "these sizes.")
-        tuned_means = [statistics.fmean(r["accuracy"] for r in runs) for m, runs in methods.items() if m != "none"]
+        tuned_means = [statistics.fmean(r["accuracy"] for r in runs) for m, runs in methods.items()
+                       if not is_frozen(m)]
         best = max(tuned_means) if tuned_means else None  # best fine-tuned method mean, for both flags below
         majority = majorities[(model, task)]
         n_eval = max(r.get("n_eval") or 0 for runs in methods.values() for r in runs)
@@ -110,6 +119,14 @@ def quality_section(records: list[dict]) -> list[str]:
                              f"({se:.3f}) of always answering the most common class ({majority:.3f}) or below it: the "
                              "runs learned little beyond the class balance, so the comparison says little about the "
                              "claim.")
+        frozen = {m: statistics.fmean(r["accuracy"] for r in runs) for m, runs in methods.items() if is_frozen(m)}
+        if frozen and "lora" in methods:
+            strongest = max(frozen, key=frozen.get)
+            dense = statistics.fmean(r["accuracy"] for r in methods["lora"]) if "lora" in methods else None
+            if dense is not None and dense < frozen[strongest] + 0.05:
+                lines.append(f"- {model} / {task}: dense LoRA ({dense:.3f}) does not beat the strongest frozen "
+                             f"baseline, {FROZEN_NAMES.get(strongest, strongest)} ({frozen[strongest]:.3f}), by 5 "
+                             "points: flagged, the task does not count for a claim.")
         if "none" in methods and best is not None:
             zero_shot = statistics.fmean(r["accuracy"] for r in methods["none"])
             if best < zero_shot:

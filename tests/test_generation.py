@@ -180,3 +180,13 @@ def test_evaluate_generation_reports_score_loss_and_kept(tiny_llama, tiny_tokeni
     assert 0 <= result["accuracy"] <= 1 and result["kept_fraction"] == 1.0
     assert result["perplexity"] == pytest.approx(torch.tensor(result["eval_loss"]).exp().item(), rel=1e-5)
     assert len(result["predictions"]) == 2
+
+
+def test_chat_file_in_the_default_column_needs_no_flag(tmp_path, chat_tokenizer):
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "thanks"}]
+    path = _jsonl(tmp_path / "c.jsonl", [{"messages": chat}])
+    (example,), _ = load_file(path, "generation", {})
+    assert example["messages"][-1] == {"role": "assistant", "content": "4"}  # the trailing user turn is dropped
+    assert G.reference_text(example) == "4"
+    assert G.prompt_text(chat_tokenizer, example).endswith("<s>user\n2+2?</s>\n<s>assistant\n")

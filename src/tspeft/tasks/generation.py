@@ -44,7 +44,8 @@ DEFAULT_MAX_NEW_TOKENS = 32  # greedy decoding stops at eos or after this many t
 def generation_examples(rows: list[dict], path: str | Path, columns: dict[str, str | None]) -> list[dict[str, Any]]:
     """Examples from rows read by ``tasks.data.read_rows``; ``columns`` maps prompt/response/messages to columns.
 
-    With a ``messages`` column the rows are chats; otherwise prompt and response columns are required.
+    With a ``messages`` column (given, or a file with a "messages" but no response column) the rows are chats;
+    otherwise prompt and response columns are required.
     Raises ValueError naming the file and row for a missing/empty response, a chat that is not a list of
     role/content turns, or a chat without an assistant turn.
     """
@@ -55,6 +56,8 @@ def generation_examples(rows: list[dict], path: str | Path, columns: dict[str, s
     if not rows:
         raise ValueError(f"{path}: no rows")
     found = sorted({key for row in rows for key in row if key != "_where"})
+    if not columns["messages"] and "messages" in found and columns["response"] not in found:
+        columns["messages"] = "messages"  # a chat file in the default column, no flag needed
     needed = [columns["messages"]] if columns["messages"] else [columns["prompt"], columns["response"]]
     for column in needed:
         if column not in found:
