@@ -104,6 +104,7 @@ def response_loss(model, tokenizer, examples: list[dict], max_length: int, batch
     for start in range(0, len(features), batch_size):
         chunk = features[start:start + batch_size]
         width = max(len(f["input_ids"]) for f in chunk)
+
         def fill(key, value):
             return torch.tensor([f[key] + [value] * (width - len(f[key])) for f in chunk], device=device)
 

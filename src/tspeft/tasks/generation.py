@@ -86,6 +86,7 @@ def _chat_example(row: dict, column: str, where: str) -> dict[str, Any]:
             turns = json.loads(turns)
         except json.JSONDecodeError:
             raise ValueError(f"{where}: column {column!r} is not a JSON list of turns") from None
+
     def is_turn(turn) -> bool:
         return isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)
 
