@@ -277,7 +277,8 @@ def test_merge_refuses_unless_gate_dropping_is_accepted():
     ("tau_init", -0.1, "tau_init"), ("tau_init", float("nan"), "tau_init"), ("tau_init", float("inf"), "tau_init"),
     ("target_kept", 0.0, "target_kept"), ("target_kept", 1.5, "target_kept"),
     ("target_kept", float("nan"), "target_kept"),
-    ("step_size", 0.0, "step_size"), ("band", 0.9, "band"), ("ramp_steps", -1, "ramp_steps"),
+    ("step_size", 0.0, "step_size"), ("step_size", 1.5, "step_size"), ("curve_points", 1, "curve_points"),
+    ("ramp_steps", -1, "ramp_steps"), ("allocation", "greedy", "allocation"), ("selection", "top", "selection"),
 ])
 def test_bad_config_values_name_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -378,4 +379,4 @@ def test_a_gated_output_without_gradient_records_nothing_and_does_not_fail(metho
     model = ts_mlp(method, target_kept=0.5, warmup_steps=0).train()
     x = torch.randn(2, 5, 12)
     _NoInputGradient.apply(model(x)).sum().backward()
-    assert all(float(gate.band_stats[1]) == 0 for gate in model.gates.values())
+    assert all(float(gate.change_histogram.abs().sum()) == 0 for gate in model.gates.values())

@@ -202,7 +202,7 @@ def test_gate_properties(case):
         if math.isfinite(before[name]):
             assert math.isfinite(tau), f"τ of {name} became {tau} from {before[name]}"
     for gate in ts_model.gates.values():
-        state = (gate.allocated_kept.item(), gate.loss_slope.item(), gate.band_low.item())
+        state = (gate.allocated_kept.item(), gate.loss_slope.item(), *gate.loss_curve.tolist())
         assert all(math.isfinite(v) for v in state)
     RUNS[f"{case['method']}/{case['dtype']}/{len(lead) + 1}d"] += 1
     RUNS["total"] += 1

@@ -48,7 +48,7 @@ def _fresh(method):
 
 def _trainable_and_gate_state(model):
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    gate_fields = ("tau", "allocated_kept", "loss_slope", "band_low", "band_high", "rule_step")
+    gate_fields = ("tau", "allocated_kept", "loss_slope", "loss_curve", "rule_step")
     return {k: v.clone() for k, v in model.state_dict().items() if k in names or k.endswith(gate_fields)}
 
 

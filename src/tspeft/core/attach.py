@@ -21,11 +21,13 @@ Where each sits (`attach_gate` chooses; S = the gate's keep mask, ⊙S zeroes th
                       x ─► lora_magnitude_vector ─► M ─►[⊙S]┘              DoRA module (= M x)
     other             x ─► base_layer ─► base ──────────┐
                       x ─► the whole adapted layer ─► adapted ─► where(S, adapted, base) ─► h
+
+Every path files c_i = ⟨∂L/∂h_i, M(x_i)⟩ of every real token by its r bin (`TokenGate.record_changes`): the τ
+rule's loss-vs-kept curve. For LoRA this is O(rank) per token; the other paths keep M(x) for backward.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -83,65 +85,16 @@ def _norm_without_bias(output: torch.Tensor, bias: torch.Tensor | None, feature_
     return torch.linalg.vector_norm(output - bias.view(shape), dim=feature_dim, dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=16)
-def _spread(n: int, device: torch.device) -> torch.Tensor:
-    """n values in [0, 1) spread evenly over any run of positions (golden-ratio sequence): a fixed tie-break."""
-    return torch.arange(n, device=device, dtype=torch.float64).mul_(0.6180339887498949).frac_().float()
-
-
-def band_rows(band: torch.Tensor, capacity: float) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Rows to keep from forward for the band statistic: (flat row indices, None for all rows; band weight per row).
-
-    A fixed number of rows, ceil(capacity·N), so neither forward nor backward needs the band's size on the host
-    (boolean indexing would sync). Every band token is kept while they fit; beyond that, a subset spread evenly
-    over positions, chosen without looking at c_i, so the band mean of c_i (what the τ rule uses) stays unbiased.
-    """
-    flat = band.reshape(-1)
-    n = flat.numel()
-    rows = min(n, math.ceil(capacity * n))
-    if rows == n:
-        return None, flat
-    spread = _spread.__wrapped__(n, flat.device) if torch.compiler.is_compiling() else _spread(n, flat.device)
-    index = (flat.float() + spread).topk(rows, sorted=False).indices  # band tokens score ≥ 1
-    return index, flat.index_select(0, index)
-
-
-def take_rows(values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """`values` as (tokens, features), only the rows in `index` (all rows for None)."""
-    flat = values.reshape(-1, values.shape[-1])
-    return flat if index is None else flat.index_select(0, index)
-
-
 class _Hooks:
-    # Rows of M(x) kept for the band statistic, as a fraction of a call's tokens: the τ rule's band holds at most
-    # 2·band of the tokens its quantiles came from (docs/method.md); 1.5 × that absorbs batch-to-batch variation.
-    band_capacity_per_band = 3.0
-
     def __init__(self, gate: TokenGate, token_mask: TokenMask):
         self.gate, self.token_mask = gate, token_mask
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    @property
-    def band_capacity(self) -> float:
-        return min(1.0, self.band_capacity_per_band * self.gate.config.band + 0.02)
-
-    def _record_band_on_backward(self, gated: torch.Tensor, update: torch.Tensor, band: torch.Tensor,
-                                 feature_dim: int = -1) -> None:
-        """Keep the band rows of M(x) and add their c_i = ⟨∂L/∂h_i, M(x_i)⟩ to the gate's statistics in backward."""
-        index, weight = band_rows(band, self.band_capacity)
-        update_rows = take_rows(update.detach().movedim(feature_dim, -1), index).float()
-
-        def record(grad: torch.Tensor | None) -> None:
-            if grad is not None:  # None: autograd found no gradient for this output (nothing to record)
-                changes = (take_rows(grad.movedim(feature_dim, -1), index).float() * update_rows).sum(-1)
-                self.gate.record_band(changes, weight)
-        gated.register_hook(record)
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
 
-    def _wants_band(self, output: torch.Tensor) -> bool:
+    def _wants_changes(self, output: torch.Tensor) -> bool:
         return self.gate.training and self.gate.collect_rule_stats and output.requires_grad
 
     def _remember_base_norm(self, module, args, output):
@@ -197,10 +150,10 @@ class LoraDownProjectionHooks(_Hooks):
             self._skipped = (z.reshape(-1, z.shape[-1]).index_select(0, index), index)
             return z.new_zeros((1,) * (z.dim() - 1) + (z.shape[-1],))  # peft's B·z and add: one broadcast zero row
         gated = z * keep.unsqueeze(-1)  # bool × float: no dtype copy of the mask
-        if self._wants_band(gated):
-            band = self.gate.in_band(r, real)  # z is rank-sized: keep it whole rather than index (no GPU sync)
+        if self._wants_changes(gated):
+            tokens = self.gate.rule_tokens(r, real)  # z is rank-sized: c_i of every token costs O(rank)
             gated.register_hook(lambda grad: None if grad is None else
-                                self.gate.record_band((grad.float() * z32).sum(-1), band))
+                                self.gate.record_changes((grad.float() * z32).sum(-1), tokens))
         return gated
 
     def _scaled_gram(self, up: torch.Tensor) -> torch.Tensor:
@@ -249,8 +202,11 @@ class DoraUpdateHooks(_Hooks):
             real = self.token_mask.real_tokens(update.shape[:-1])
         keep = self.gate(r, real)
         gated = torch.where(keep.unsqueeze(-1), update, update.new_zeros(()))
-        if self._wants_band(gated):
-            self._record_band_on_backward(gated, update, self.gate.in_band(r, real))
+        if self._wants_changes(gated):
+            tokens = self.gate.rule_tokens(r, real)
+            kept_update = update.detach()  # M(x) of every token is kept for backward (c_i of dropped tokens too)
+            gated.register_hook(lambda grad: None if grad is None else
+                                self.gate.record_changes((grad.float() * kept_update.float()).sum(-1), tokens))
         return gated
 
 
@@ -290,8 +246,10 @@ class OutputDifferenceHooks(_Hooks):
             real = self.token_mask.real_tokens(lead_shape) if fd == adapted.dim() - 1 else None
         keep = self.gate(r, real)
         gated = torch.where(keep.unsqueeze(fd), adapted, base.to(adapted.dtype))
-        if self._wants_band(gated):
-            self._record_band_on_backward(gated, update, self.gate.in_band(r, real), fd)
+        if self._wants_changes(gated):
+            tokens = self.gate.rule_tokens(r, real)
+            gated.register_hook(lambda grad: None if grad is None else
+                                self.gate.record_changes((grad.float() * update).sum(fd), tokens))
         return gated
 
 

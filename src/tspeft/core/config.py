@@ -10,6 +10,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+ALLOCATIONS = ("learned", "uniform")  # how the kept budget is shared among modules
+SELECTIONS = ("magnitude", "random")  # which tokens of a module are kept
+
 
 @dataclass
 class TokenSelectiveConfig:
@@ -24,21 +27,30 @@ class TokenSelectiveConfig:
     # Target mode: steps after the warm-up over which the kept target falls from 1 to `target_kept` along a
     # cubic schedule (gradual pruning), so the gate tightens while the adapter is still learning. 0: at once.
     ramp_steps: int = 0
-    # λ: price of one unit of kept fraction, in loss units (loss-driven mode only).
-    sparsity_weight: float = 0.02
-    # η: step size of the proximal step on each module's kept fraction u (kept-fraction units per step).
-    step_size: float = 0.05
-    # β: momentum of the running estimate of ∂L/∂u (the per-step estimate is noisy).
+    # λ (loss-driven mode only), relative: a slice of tokens is kept when its first-order loss benefit per token is
+    # at least λ times the mean benefit per token of keeping every token of every module (scale-free: 0 keeps
+    # every helpful token, 1 keeps the tokens at least as helpful as the average one).
+    sparsity_weight: float = 0.5
+    # γ: Frank–Wolfe step, the share of the way u moves toward the allocation that minimises the current
+    # first-order loss model (0 < γ ≤ 1).
+    step_size: float = 0.1
+    # β: momentum of the running mean of each module's loss-vs-kept curve (one batch's curve is noisy).
     slope_momentum: float = 0.9
     # α: how far τ moves towards the threshold that realises the new u, per step (0 < α ≤ 1).
     tau_smoothing: float = 0.5
-    # Half-width (in kept-fraction units) of the band of tokens around τ used to estimate ∂L/∂u.
-    band: float = 0.05
+    # Resolution of the loss-vs-kept curve: segments of width 1/curve_points in kept fraction.
+    curve_points: int = 20
     # Lower bound on each module's kept fraction u, so no module is switched off entirely.
     min_kept: float = 0.0
     # Histogram of log10 r used for quantiles (all-reducible across ranks): range and bin count.
     log10_r_range: tuple[float, float] = (-6.0, 2.0)
     histogram_bins: int = 512
+    # Controls, through the same code path as the rule. "learned": the loss decides how the kept budget is shared
+    # among modules; "uniform": every module's kept fraction u is pinned at the (scheduled) target.
+    allocation: str = "learned"
+    # "magnitude": keep the tokens with r ≥ τ; "random": keep each real token with probability u (the module's kept
+    # fraction), independent of r, in training and evaluation.
+    selection: str = "magnitude"
     # Bookkeeping filled in by tspeft: the base method ("lora", "dora" or "adapter").
     base_method: str | None = field(default=None)
 
@@ -56,10 +68,11 @@ class TokenSelectiveConfig:
         require(isinstance(self.ramp_steps, int) and self.ramp_steps >= 0, "ramp_steps", "must be an int >= 0")
         require(finite(self.sparsity_weight) and self.sparsity_weight >= 0, "sparsity_weight",
                 "must be finite and >= 0")
-        require(finite(self.step_size) and self.step_size > 0, "step_size", "must be finite and > 0")
+        require(finite(self.step_size) and 0 < self.step_size <= 1, "step_size", "must lie in (0, 1]")
         require(finite(self.slope_momentum) and 0 <= self.slope_momentum < 1, "slope_momentum", "must lie in [0, 1)")
         require(finite(self.tau_smoothing) and 0 < self.tau_smoothing <= 1, "tau_smoothing", "must lie in (0, 1]")
-        require(finite(self.band) and 0 < self.band <= 0.5, "band", "must lie in (0, 0.5]")
+        require(isinstance(self.curve_points, int) and 2 <= self.curve_points <= 200, "curve_points",
+                "must be an int in [2, 200]")
         require(finite(self.min_kept) and 0 <= self.min_kept <= 1, "min_kept", "must lie in [0, 1]")
         if self.target_kept is not None:
             require(self.min_kept <= self.target_kept, "min_kept", "must not exceed target_kept")
@@ -69,6 +82,8 @@ class TokenSelectiveConfig:
         self.log10_r_range = (float(lo_hi[0]), float(lo_hi[1]))
         require(isinstance(self.histogram_bins, int) and self.histogram_bins >= 16, "histogram_bins",
                 "must be an int >= 16")
+        require(self.allocation in ALLOCATIONS, "allocation", f"must be one of {', '.join(ALLOCATIONS)}")
+        require(self.selection in SELECTIONS, "selection", f"must be one of {', '.join(SELECTIONS)}")
         require(self.base_method in (None, "lora", "dora", "adapter"), "base_method",
                 "unknown base method; expected 'lora', 'dora' or 'adapter'")
 

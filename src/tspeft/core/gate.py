@@ -20,7 +20,8 @@ from torch import nn
 
 from .config import TokenSelectiveConfig
 
-GATE_STATE = ("tau", "allocated_kept", "loss_slope", "band_low", "band_high")  # persistent per-gate τ-rule state
+GATE_STATE = ("tau", "allocated_kept", "loss_slope")  # persistent per-gate τ-rule state (scalars)
+GATE_SAVED = GATE_STATE + ("loss_curve",)  # what adapter files and checkpoints hold per gate
 LEGACY_STATE_NAMES = {"allocated_kept": "kept_target"}  # the names adapters saved before the rename use
 
 
@@ -32,16 +33,7 @@ class TokenCounts(NamedTuple):
     r_sum: float  # Σ r
 
 
-class BandStats(NamedTuple):
-    """`TokenGate.band_stats`, by name: since the last τ update."""
-
-    band_sum: float  # Σ c_i over real tokens in the band around τ
-    band_count: float  # how many real tokens were in the band
-    real_count: float  # real tokens seen in training
-
-
 KEPT, REAL, R_SUM = range(len(TokenCounts._fields))  # positions in kept_counts
-BAND_SUM, BAND_COUNT, REAL_COUNT = range(len(BandStats._fields))  # positions in band_stats
 
 
 class TokenGate(nn.Module):
@@ -56,18 +48,20 @@ class TokenGate(nn.Module):
         # τ-rule state (persistent: saved with the adapter and in Trainer checkpoints).
         # u_m: this module's allocated kept fraction, what τ is steered to realise (≠ the global target_kept k*)
         self.register_buffer("allocated_kept", torch.tensor(1.0))
-        self.register_buffer("loss_slope", torch.tensor(0.0))  # running estimate of ∂L/∂u
-        self.register_buffer("band_low", torch.tensor(0.0))  # tokens with r in [low, high] estimate ∂L/∂u
-        self.register_buffer("band_high", torch.tensor(float("inf")))
-        # Since the last τ update: histogram of log10 r, and `BandStats` (Σ c_i and count over band tokens, real
-        # tokens). One tensor each, so a step all-reduces them at once.
+        self.register_buffer("loss_slope", torch.tensor(0.0))  # estimate of ∂L/∂u at the current u
+        # Since the last τ update, per bin of log10 r over real tokens: token count, and Σ c_i (c_i: first-order
+        # loss change from keeping token i), from which the rule builds the module's loss-vs-kept curve.
         self.register_buffer("r_histogram", torch.zeros(config.histogram_bins, dtype=torch.float64), persistent=False)
-        self.register_buffer("band_stats", torch.zeros(len(BandStats._fields), dtype=torch.float64), persistent=False)
+        self.register_buffer("change_histogram", torch.zeros(config.histogram_bins, dtype=torch.float64),
+                             persistent=False)
+        # Running mean of that curve on a grid of kept fractions (tau_rule.py), saved with the adapter.
+        self.register_buffer("loss_curve", torch.zeros(config.curve_points + 1, dtype=torch.float64))
         # Since the last reset_stats(): `TokenCounts` (kept, real, Σ r over real tokens; what `kept_fractions()`
         # reports).
         self.register_buffer("kept_counts", torch.zeros(len(TokenCounts._fields), dtype=torch.float64),
                              persistent=False)
         self.collect_rule_stats = True
+        self.calibrating = False  # TSPeftModel.calibrating_thresholds: r histograms also outside training
         self.record_keep_mask = False  # analysis: keep the last forward's mask in `last_keep_mask`
         self.last_keep_mask: torch.Tensor | None = None
 
@@ -82,7 +76,7 @@ class TokenGate(nn.Module):
             self._buffers[name] = source.to(device=buffer.device, dtype=dtype)
         return self
 
-    _COUNTS = ("r_histogram", "band_stats", "kept_counts")
+    _COUNTS = ("r_histogram", "change_histogram", "loss_curve", "kept_counts")
 
     @staticmethod
     def relative_magnitude(update_norm: torch.Tensor, base_norm: torch.Tensor) -> torch.Tensor:
@@ -93,7 +87,10 @@ class TokenGate(nn.Module):
 
     def forward(self, r: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
         """Return the keep mask S (bool, shape of r) and record statistics over real tokens."""
-        keep = r >= self.tau
+        if self.config.selection == "random":  # the control: kept with probability u whatever r is (no host sync)
+            keep = torch.rand(r.shape, device=r.device) < self.allocated_kept
+        else:
+            keep = r >= self.tau
         if self.record_keep_mask:
             self.last_keep_mask = keep.detach().cpu()
         if torch._C._current_graph_task_id() != -1:
@@ -104,31 +101,32 @@ class TokenGate(nn.Module):
             # (Σ kept·w, Σ w, Σ r·w) in one matrix-vector product (w is 0/1, so Σ w·w = Σ w).
             sums = weight @ torch.stack((keep.reshape(-1).to(torch.float64), weight, r64), 1)
             self.kept_counts.add_(sums)
-            if self.training and self.collect_rule_stats:
-                lo, hi = self.config.log10_r_range
-                bins = self.config.histogram_bins
-                log_r = torch.log10(r.reshape(-1).clamp(min=10**lo, max=10**hi))
-                index = ((log_r - lo) * (bins / (hi - lo))).long().clamp_(0, bins - 1)
-                self.r_histogram.scatter_add_(0, index, weight)
-                self.band_stats[REAL_COUNT].add_(sums[REAL])
+            if (self.training and self.collect_rule_stats) or self.calibrating:
+                self.r_histogram.scatter_add_(0, self.bin_of(r), weight)
         return keep
 
-    def in_band(self, r: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-        """Real tokens whose r lies in the band around τ used to estimate ∂L/∂u."""
-        band = (r >= self.band_low) & (r <= self.band_high)
-        return band if real is None else band & real
+    def bin_of(self, r: torch.Tensor) -> torch.Tensor:
+        """Histogram bin of log10 r for every token (flat; values outside the range go to the end bins)."""
+        lo, hi = self.config.log10_r_range
+        bins = self.config.histogram_bins
+        log_r = torch.log10(r.reshape(-1).clamp(min=10**lo, max=10**hi))
+        return ((log_r - lo) * (bins / (hi - lo))).long().clamp_(0, bins - 1)
 
-    def record_band(self, loss_changes: torch.Tensor, in_band: torch.Tensor | None = None) -> None:
-        """Add c_i = ⟨∂L/∂h_i, M(x_i)⟩ of band tokens (all of `loss_changes`, or where `in_band`):
-        the first-order loss change from keeping token i."""
-        changes = loss_changes.reshape(-1).double()
-        weight = torch.ones_like(changes) if in_band is None else in_band.reshape(-1).to(torch.float64)
-        # (Σ c_i, count) over the band, into the adjacent BAND_SUM, BAND_COUNT slots
-        self.band_stats[BAND_SUM:BAND_COUNT + 1].add_(weight @ torch.stack((changes, weight), 1))
+    def rule_tokens(self, r: torch.Tensor, real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bin of each token, 1 for real tokens / 0 for padding): where `record_changes` files each c_i."""
+        weight = torch.ones(r.numel(), dtype=torch.float64, device=r.device) if real is None \
+            else real.reshape(-1).to(torch.float64)
+        return self.bin_of(r), weight
+
+    def record_changes(self, loss_changes: torch.Tensor, tokens: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Add c_i = ⟨∂L/∂h_i, M(x_i)⟩ (the first-order loss change from keeping token i, for every token, kept or
+        not) to the bin of its r; `tokens` comes from `rule_tokens`. A scatter-add: no host-device sync."""
+        index, weight = tokens
+        self.change_histogram.scatter_add_(0, index, loss_changes.reshape(-1).double() * weight)
 
     def clear_rule_stats(self) -> None:
         self.r_histogram.zero_()
-        self.band_stats.zero_()
+        self.change_histogram.zero_()
 
     def token_counts(self) -> TokenCounts:
         return TokenCounts(*self.kept_counts.tolist())

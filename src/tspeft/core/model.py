@@ -28,8 +28,8 @@ from . import io
 from .adapter import BottleneckConfig, inject_bottleneck_adapters
 from .attach import TokenMask, attach_gate, is_gateable
 from .config import TokenSelectiveConfig
-from .gate import GATE_STATE, LEGACY_STATE_NAMES, TokenCounts, TokenGate
-from .tau_rule import update_thresholds
+from .gate import GATE_SAVED, LEGACY_STATE_NAMES, TokenCounts, TokenGate
+from .tau_rule import CHANGES, calibrate_thresholds, update_thresholds
 
 
 def get_ts_peft_model(model: nn.Module, peft_config: LoraConfig | BottleneckConfig,
@@ -116,6 +116,23 @@ class TSPeftModel(nn.Module):
             all_reduce = _distributed_rule_statistics
         update_thresholds(list(self.gates.values()), self.ts_config, int(self.rule_step), all_reduce)
 
+    @contextlib.contextmanager
+    def calibrating_thresholds(self, all_reduce=None) -> Iterator[None]:
+        """Forward passes inside gather r histograms in any mode; on exit τ_m = Q_m(1 − u_m) exactly, so the kept
+        fraction measured the same way (e.g. eval mode, the final weights) is the allocation u (docs/method.md)."""
+        if all_reduce is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            all_reduce = _distributed_rule_statistics
+        gates = list(self.gates.values())
+        for gate in gates:
+            gate.clear_rule_stats()
+            gate.calibrating = True
+        try:
+            yield
+        finally:
+            for gate in gates:
+                gate.calibrating = False
+        calibrate_thresholds(gates, all_reduce)
+
     def kept_fractions(self) -> dict[str, float | None]:
         """Kept fraction of real tokens per module since the last `reset_stats()` (None: no token seen)."""
         return {name: gate.kept_fraction() for name, gate in self.gates.items()}
@@ -197,7 +214,7 @@ class TSPeftModel(nn.Module):
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         tensors = {f"adapter.{k}": v for k, v in self.adapter_state_dict().items()}
         for name, gate in self.gates.items():
-            tensors.update({f"gate.{name}.{field}": getattr(gate, field).reshape(1) for field in GATE_STATE})
+            tensors.update({f"gate.{name}.{field}": getattr(gate, field).reshape(-1) for field in GATE_SAVED})
         tensors["gate.rule_step"] = self.rule_step.reshape(1)
         base = self.get_base_model()
         manifest = {
@@ -241,14 +258,14 @@ class TSPeftModel(nn.Module):
                              f"({type(self.get_base_model()).__name__}); differing: {missing[:5]}")
         weights = {_current_name(k[len("adapter."):]): v for k, v in tensors.items() if k.startswith("adapter.")}
         self._load_adapter_weights(weights, folder)
-        states = {name: _checked_gate_state({field: _saved_state(tensors, name, field, folder).reshape(())
-                                             for field in GATE_STATE}, name, folder) for name in self.gates}
+        states = {name: _checked_gate_state(_saved_gate_state(tensors, name, folder), name, folder)
+                  for name in self.gates}
         if "gate.rule_step" not in tensors:
             raise ValueError(f"{folder}: the adapter file holds no gate.rule_step (not a complete tspeft save)")
         with torch.no_grad():
             for name, gate in self.gates.items():
                 for field, value in states[name].items():
-                    getattr(gate, field).copy_(value)
+                    getattr(gate, field).copy_(value.reshape(getattr(gate, field).shape))
             self.rule_step.copy_(tensors["gate.rule_step"].reshape(()))
 
     def _load_adapter_weights(self, weights: dict[str, torch.Tensor], folder) -> None:
@@ -285,6 +302,13 @@ def _saved_state(tensors: dict[str, torch.Tensor], gate: str, field: str, folder
     raise ValueError(f"{folder}: the saved adapter has no {field!r} for gated module {gate!r}")
 
 
+def _saved_gate_state(tensors: dict[str, torch.Tensor], name: str, folder) -> dict[str, torch.Tensor]:
+    """The GATE_SAVED fields of one module; folders written before the loss curve existed lack it (it then
+    restarts from zero)."""
+    return {field: _saved_state(tensors, name, field, folder) for field in GATE_SAVED
+            if field != "loss_curve" or f"gate.{name}.{field}" in tensors}
+
+
 def _checked_gate_state(state: dict[str, torch.Tensor], name: str, folder) -> dict[str, torch.Tensor]:
     """One module's saved τ-rule state, checked: a NaN or negative τ (a damaged or hand-edited file) would
     silently gate everything or nothing. τ = +inf is valid (set_thresholds: drop every update)."""
@@ -294,8 +318,8 @@ def _checked_gate_state(state: dict[str, torch.Tensor], name: str, folder) -> di
     if not 0 <= kept <= 1:
         raise ValueError(f"{folder}: the allocated kept fraction u of module {name} is {kept} in the adapter "
                          "file; it must lie in [0, 1]")
-    if not (math.isfinite(float(state["loss_slope"])) and float(state["band_low"]) >= 0
-            and float(state["band_high"]) >= 0):
+    curve = state.get("loss_curve", torch.zeros(1))
+    if not (math.isfinite(float(state["loss_slope"])) and bool(torch.isfinite(curve).all())):
         raise ValueError(f"{folder}: the τ-rule state of module {name} is damaged (NaN or negative values)")
     return state
 
@@ -319,7 +343,7 @@ def _is_bottleneck_key(key: str, config: BottleneckConfig) -> bool:
 def _distributed_rule_statistics(stats: torch.Tensor) -> torch.Tensor:
     reduced = _distributed_sum(stats)
     # Each rank's c_i come from its own mean loss, and DDP averages gradients over ranks: average Σc_i too.
-    reduced[:, 0] /= torch.distributed.get_world_size()
+    reduced[:, CHANGES] /= torch.distributed.get_world_size()
     return reduced
 
 

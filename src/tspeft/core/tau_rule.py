@@ -1,36 +1,46 @@
-"""The τ rule: a proximal-gradient step on each module's kept fraction u, realised as a threshold τ.
+"""The τ rule: a Frank–Wolfe step on each module's kept fraction u, realised as a threshold τ.
 
 Problem (per module m, trained jointly with the adapter; derivation in docs/method.md):
 
-    min_{τ ≥ 0}  L(θ, τ) + λ · Σ_m K_m(τ_m),      K_m(τ) = kept fraction of real tokens at threshold τ
+    min_{τ ≥ 0}  L(θ, τ)   s.t.  Σ_m N_m K_m(τ_m) = k* Σ_m N_m      (target mode; loss-driven: + price · kept)
 
-S = 1(r ≥ τ) has no gradient, so we change variables to u_m = K_m(τ_m) (τ_m = Q_m(1 − u_m), the
-(1 − u)-quantile of r) and estimate the slope from first-order token effects:
+K_m(τ) = kept fraction of real tokens at threshold τ. S = 1(r ≥ τ) has no gradient, so we change variables to
+u_m = K_m(τ_m) (τ_m = Q_m(1 − u_m), the (1 − u)-quantile of r) and build each module's first-order loss curve
+from every token's effect c_i = ⟨∂L/∂h_i, M(x_i)⟩ (loss change from keeping token i), tokens in order of r:
 
-    ∂L/∂u_m ≈ g_m = N_m · mean_{i ∈ band} c_i,    c_i = ⟨∂L/∂h_i, M(x_i)⟩   (loss change of keeping i)
+    F_m(u) = Σ_{i: rank_m(r_i) ≤ u N_m} c_i          (keep the top-u share by r)      F̂_m ← β F̂_m + (1 − β) F_m
 
-over real tokens whose r lies in a band around τ_m. One step (after `warmup_steps` with τ = 0):
+                  F_m(u)
+                    0 ┼──╮                  hull slopes s_mj (loss per unit kept) rise with u:
+                      │   ╲__               the first tokens by r help most
+                      │      ╲____
+                      │           ‾‾‾──── u
+                      0                 1
 
-    ĝ_m ← β ĝ_m + (1 − β) g_m                                     running slope
-    loss-driven:  u_m ← clip(u_m − η (ĝ_m + λ), u_min, 1)          prox of the box constraint
-    target k*:    u ← Π{Σ_m N_m u_m = k_t Σ_m N_m, u_min ≤ u ≤ 1}(u − η ĝ)   prox of the budget constraint,
-                  k_t = k* + (1 − k*)(1 − t/T)³ for t = 1…T steps after the warm-up (T = ramp_steps)
+One step (after `warmup_steps` with τ = 0), with F̂_m replaced by its lower convex hull on a grid of J segments:
+
+    oracle u*:  target k_t:  take segments in increasing order of s_mj / N_m until Σ N_m u*_m = k_t Σ N_m
+                loss-driven: take every segment with −s_mj / N_m ≥ λ · |Σ_m F̂_m(1)| / Σ_m N_m   (λ relative)
+    u ← u + γ (u* − u), then (target mode) the exact projection onto {Σ N u = k_t Σ N, u_min ≤ u ≤ 1}
+    k_t = k* + (1 − k*)(1 − t/T)³ for t = 1…T steps after the warm-up (T = ramp_steps)
     τ_m ← (1 − α) τ_m + α Q_m(1 − u_m);   τ_m = 0 when u_m = 1     (τ ≥ 0 always: r ≥ 0)
 
-Q_m comes from a histogram of log10 r, so every statistic is a sum and can be all-reduced across ranks.
+Controls through the same code: allocation "uniform" sets u_m = k_t (loss-driven: one u shared by all modules,
+from the summed curve); selection "random" keeps each token with probability u_m, so F_m(u) = u · Σ_i c_i.
+Histograms of log10 r and of c_i by r bin are sums, so they can be all-reduced across ranks.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
 from .config import TokenSelectiveConfig
-from .gate import GATE_STATE, BandStats, TokenGate
+from .gate import GATE_STATE, TokenGate
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+COUNTS, CHANGES = 0, 1  # rows of the per-module statistics: token counts and Σ c_i per bin of log10 r
 
 
 def histogram_quantiles(histograms: torch.Tensor, q: torch.Tensor, log10_range: tuple[float, float]) -> torch.Tensor:
@@ -83,55 +93,161 @@ def scheduled_target(config: TokenSelectiveConfig, step: int) -> float:
     return config.target_kept + (1.0 - config.target_kept) * (1.0 - progress) ** 3
 
 
+def loss_curves(counts: torch.Tensor, changes: torch.Tensor, points: int, random: bool) -> torch.Tensor:
+    """F_m(u) at u = 0, 1/J, …, 1 from per-bin token counts and Σ c_i (modules, bins): tokens kept from the top bin
+    down, linear inside a bin (its tokens share one r). Random selection keeps a random share: F(u) = u Σ c_i."""
+    grid = torch.linspace(0.0, 1.0, points + 1, dtype=torch.float64).expand(counts.shape[0], -1).contiguous()
+    total_change = changes.sum(-1, keepdim=True)
+    if random:
+        return grid * total_change
+    real = counts.sum(-1, keepdim=True).clamp_min(1e-12)
+    zero = counts.new_zeros(counts.shape[0], 1)
+    kept = torch.cat([zero, torch.cumsum(counts.flip(-1), -1) / real], -1)  # share kept down to each bin edge
+    cumulative = torch.cat([zero, torch.cumsum(changes.flip(-1), -1)], -1)
+    index = torch.searchsorted(kept, grid).clamp_(1, kept.shape[-1] - 1)
+    left, right = kept.gather(-1, index - 1), kept.gather(-1, index)
+    inside = ((grid - left) / (right - left).clamp_min(1e-12)).clamp_(0.0, 1.0)
+    low = cumulative.gather(-1, index - 1)
+    return low + inside * (cumulative.gather(-1, index) - low)
+
+
+def hull_slopes(curves: torch.Tensor) -> torch.Tensor:
+    """Slopes (per unit kept fraction) of each curve's lower convex hull on its grid: (modules, J), non-decreasing.
+
+    Pool-adjacent-violators on the segment slopes with equal segment lengths: merging two adjacent segments whose
+    slopes fall replaces both by their mean, which is the hull of a piecewise-linear curve.
+    """
+    points = curves.shape[-1] - 1
+    slopes = (curves.diff(dim=-1) * points).tolist()
+    hulls = []
+    for row in slopes:
+        blocks: list[list[float]] = []  # [mean slope, length]
+        for value in row:
+            blocks.append([value, 1.0])
+            while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+                value, length = blocks.pop()
+                previous = blocks[-1]
+                previous[0] = (previous[0] * previous[1] + value * length) / (previous[1] + length)
+                previous[1] += length
+        hulls.append([mean for mean, length in blocks for _ in range(int(length))])
+    return torch.tensor(hulls, dtype=torch.float64).reshape(curves.shape[0], points)
+
+
+def allocation_oracle(slopes: torch.Tensor, weights: torch.Tensor, config: TokenSelectiveConfig, target: float | None,
+                      mean_benefit: float) -> torch.Tensor:
+    """u* minimising Σ_m hull_m(u_m) (+ the price in loss-driven mode) over the budget, by water-filling.
+
+    Segment (m, j) costs N_m / J tokens of budget and changes the loss by s_mj / J; its density s_mj / N_m is the
+    loss change per token. Target mode takes the lowest densities until the budget is spent (segments tied at the
+    cut share the rest equally); loss-driven mode takes every segment whose benefit per token −s_mj / N_m is at
+    least λ · mean_benefit. Segments below u_min are always taken.
+    """
+    points = slopes.shape[-1]
+    density = slopes / weights.clamp_min(1e-12).unsqueeze(-1)
+    forced = torch.arange(points, dtype=torch.float64) < int(config.min_kept * points)
+    density = torch.where(forced, torch.full_like(density, -torch.inf), density)
+    cost = (weights.unsqueeze(-1) / points).expand_as(density)
+    if target is None:
+        taken = (-density >= config.sparsity_weight * mean_benefit).double()
+        return taken.sum(-1) / points
+    flat, flat_cost = density.flatten(), cost.flatten()
+    order = torch.argsort(flat, stable=True)
+    spent = torch.cumsum(flat_cost[order], 0)
+    budget = target * float(weights.sum())
+    cut_index = int(torch.searchsorted(spent, torch.tensor(budget, dtype=torch.float64) - 1e-9).clamp(max=flat.numel() - 1))
+    cut = flat[order[cut_index]]
+    below, tied = density < cut, density == cut
+    rest = budget - float((cost * below).sum())
+    share = min(1.0, max(0.0, rest / max(float((cost * tied).sum()), 1e-12)))
+    return (below.double() + share * tied.double()).sum(-1) / points
+
+
+def _new_allocation(old_u, curves, weights, config: TokenSelectiveConfig, step: int) -> torch.Tensor:
+    """The allocation after one step (see the module docstring): oracle, Frank–Wolfe mixing, exact budget."""
+    target = None if config.target_kept is None else scheduled_target(config, step)
+    uniform = config.allocation == "uniform"
+    if uniform and target is not None:
+        return torch.full_like(old_u, target)
+    mean_benefit = abs(float(curves[:, -1].sum())) / float(weights.sum())
+    if uniform:  # loss-driven, one u for every module: the oracle on the summed curve
+        shared = allocation_oracle(hull_slopes(curves.sum(0, keepdim=True)), weights.sum().reshape(1), config,
+                                   None, mean_benefit)
+        oracle = shared.expand_as(old_u)
+    else:
+        oracle = allocation_oracle(hull_slopes(curves), weights, config, target, mean_benefit)
+    mixed = old_u + config.step_size * (oracle - old_u)
+    if target is None:
+        return mixed.clamp(config.min_kept, 1.0)
+    return project_onto_budget(mixed, weights, target, config.min_kept)
+
+
+def slope_at(curves: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """∂F̂/∂u of each module's running curve at its current u (loss per unit kept fraction; > 0: keeping hurts)."""
+    points = curves.shape[-1] - 1
+    segment = (u * points).long().clamp(0, points - 1).unsqueeze(-1)
+    return ((curves.gather(-1, segment + 1) - curves.gather(-1, segment)) * points).squeeze(-1)
+
+
+def gather_statistics(gates: list[TokenGate], all_reduce: AllReduce | None) -> torch.Tensor:
+    """(modules, 2, bins) on the CPU: rows COUNTS and CHANGES, summed over ranks; the gates' step statistics reset."""
+    stats = torch.stack([torch.stack([g.r_histogram, g.change_histogram]) for g in gates])
+    if all_reduce is not None:  # sums over ranks, so every rank computes the same τ
+        stats = all_reduce(stats)
+    for gate in gates:
+        gate.clear_rule_stats()
+    return stats.cpu()
+
+
 @torch.no_grad()
 def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step: int,
                       all_reduce: AllReduce | None = None) -> None:
     """Apply one τ-rule step to every gate from the statistics gathered since the previous step.
 
-    Every module is handled at once: one gather of the statistics and of the rule state, tensor arithmetic on a
-    (modules,) vector, one batched quantile call and one write-back (the gates share a device).
+    Every module is handled at once: one gather of the statistics and of the rule state, tensor arithmetic on
+    (modules, …) arrays, one batched quantile call and one write-back (the gates share a device).
     """
     if not gates:
         return
-    stats = torch.cat([torch.stack([g.band_stats for g in gates]), torch.stack([g.r_histogram for g in gates])], 1)
-    if all_reduce is not None:  # sums over ranks, so every rank computes the same τ
-        stats = all_reduce(stats)
-    stats = stats.cpu()
-    for gate in gates:
-        gate.clear_rule_stats()
-    band, histograms = stats.split([len(BandStats._fields), stats.shape[1] - len(BandStats._fields)], 1)
-    band_sum, band_count, real_count = band.unbind(1)  # BandStats' order
+    stats = gather_statistics(gates, all_reduce)
+    counts, changes = stats[:, COUNTS], stats[:, CHANGES]
+    real_count = counts.sum(-1)
+    seen = real_count > 0  # a module that saw no real token keeps its state
     state_tensors = [getattr(g, field) for g in gates for field in GATE_STATE]
     state = torch.stack(state_tensors).reshape(len(gates), len(GATE_STATE)).double().cpu()
-    old_tau, old_u, old_slope, old_low, old_high = state.unbind(1)  # GATE_STATE's order
-    seen = real_count > 0  # a module that saw no real token keeps its state
+    old_tau, old_u, old_slope = state.unbind(1)  # GATE_STATE's order
+    old_curves = torch.stack([g.loss_curve for g in gates]).cpu()
+    step_curves = loss_curves(counts, changes, config.curve_points, config.selection == "random")
+    beta = config.slope_momentum
+    curves = torch.where(seen.unsqueeze(-1), beta * old_curves + (1 - beta) * step_curves, old_curves)
 
-    if step <= config.warmup_steps:
-        new_u, running = torch.ones_like(old_u), old_slope
+    if step <= config.warmup_steps or not bool(seen.any()):
+        new_u = old_u if step > config.warmup_steps else torch.ones_like(old_u)
     else:
-        slope = real_count * band_sum / band_count.clamp_min(1)
-        beta = config.slope_momentum
-        running = torch.where(seen, beta * old_slope + (1 - beta) * slope, old_slope)
-        if config.target_kept is None:
-            new_u = (old_u - config.step_size * (running + config.sparsity_weight)).clamp(config.min_kept, 1.0)
-        else:
-            weights = torch.where(seen, real_count, torch.zeros_like(real_count))
-            weights = weights if float(weights.sum()) > 0 else torch.ones_like(weights)
-            new_u = project_onto_budget(old_u - config.step_size * running, weights,
-                                        scheduled_target(config, step), config.min_kept)
-        new_u = torch.where(seen, new_u, old_u)
-
-    # Band edges and τ from one batched quantile call; τ_m = 0 where u_m = 1; unseen modules keep them.
-    u, band = new_u, config.band
-    band_low, band_high, tau_quantile = histogram_quantiles(
-        histograms, torch.stack([1 - u - band, 1 - u + band, 1 - u], 1), config.log10_r_range).unbind(1)
-    band_high = torch.where(u - band > 0, band_high, torch.full_like(band_high, math.inf))
+        weights = torch.where(seen, real_count, torch.zeros_like(real_count))
+        new_u = torch.where(seen, _new_allocation(old_u, curves, weights, config, step), old_u)
+    u = new_u
+    tau_quantile = histogram_quantiles(counts, (1 - u).unsqueeze(1), config.log10_r_range).squeeze(1)
     finite = torch.isfinite(old_tau)
     alpha = torch.where(finite, config.tau_smoothing, 1.0)  # τ = inf (set by hand) restarts from the quantile
     smoothed = ((1 - alpha) * torch.where(finite, old_tau, 0.0) + alpha * tau_quantile).clamp_min(0.0)
-    tau = torch.where(u >= 1.0, torch.zeros_like(smoothed), smoothed)
-    if_seen = lambda new, old: torch.where(seen, new, old)  # noqa: E731
-    new_state = torch.stack([if_seen(tau, old_tau), u, running, if_seen(band_low, old_low),
-                             if_seen(band_high, old_high)], 1)  # GATE_STATE's order
+    tau = torch.where(u >= 1.0, torch.zeros_like(smoothed), torch.where(seen, smoothed, old_tau))
+    slope = torch.where(seen, slope_at(curves, u), old_slope)
     device = state_tensors[0].device
+    new_state = torch.stack([tau, u, slope], 1)  # GATE_STATE's order
     torch._foreach_copy_(state_tensors, list(new_state.float().to(device).flatten().unbind()))
+    torch._foreach_copy_([g.loss_curve for g in gates], list(curves.to(device).unbind()))
+
+
+@torch.no_grad()
+def calibrate_thresholds(gates: list[TokenGate], all_reduce: AllReduce | None = None) -> None:
+    """τ_m = Q_m(1 − u_m) exactly (no smoothing) from the r histograms gathered since the last rule step, e.g. over
+    batches run the way evaluation runs them; modules that saw no token keep their τ."""
+    if not gates:
+        return
+    counts = gather_statistics(gates, all_reduce)[:, COUNTS]
+    u = torch.stack([g.allocated_kept for g in gates]).double().cpu()
+    tau = histogram_quantiles(counts, (1 - u).unsqueeze(1), gates[0].config.log10_r_range).squeeze(1)
+    old_tau = torch.stack([g.tau.detach() for g in gates]).double().cpu()
+    tau = torch.where(counts.sum(-1) > 0, torch.where(u >= 1.0, torch.zeros_like(tau), tau), old_tau)
+    taus = [g.tau.data for g in gates]
+    torch._foreach_copy_(taus, list(tau.float().to(taus[0].device).unbind()))

