@@ -106,6 +106,13 @@ def test_callback_with_plain_trainer(tmp_path, tiny_bert, tiny_tokenizer):
     for entry in logged:
         assert {"kept_fraction", "mean_tau", "kept_per_module", "tau_per_module"} <= set(entry)
     assert len(read_log(tmp_path / "log")) == 2
+    # at train end τ was calibrated in eval mode on the training batches: evaluated the same way, they keep u
+    model.eval()
+    model.reset_stats()
+    with torch.no_grad():
+        for f in features:
+            model(input_ids=torch.tensor([f["input_ids"]]), attention_mask=torch.tensor([f["attention_mask"]]))
+    assert model.kept_fraction() == pytest.approx(0.5, abs=0.02)
 
 
 def test_unwrap_ts_model(tiny_bert):

@@ -7,6 +7,8 @@
     τ rule's config (ramp included) is the model's own and is not changed here;
   * on_step_end (after each optimizer step, so once per step also under gradient accumulation):
     `model.update_thresholds()`;
+  * on_train_end: τ calibrated on eval-mode passes over `calibration_batches` training batches, so the eval
+    kept fraction matches the rule's allocation u (`TSPeftModel.calibrating_thresholds`);
   * on every training log (the Trainer's `logging_steps`): adds `kept_fraction` (overall, real tokens,
     since the previous log) and `mean_tau` to the logs, so they show in the console/progress bar and in
     `trainer.state.log_history` (where the per-module dicts `kept_per_module`, `tau_per_module`,
@@ -23,12 +25,14 @@ and `reduce_stats()`); only the world process zero writes the log file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import TrainerCallback
 
@@ -47,9 +51,12 @@ def _finite(value: Any) -> float | None:
 class ThresholdCallback(TrainerCallback):
     """Steps the τ rule after each optimizer step and logs kept fraction / τ at each logging step."""
 
-    def __init__(self, model: nn.Module | None = None, out_dir: str | os.PathLike | None = None):
+    def __init__(self, model: nn.Module | None = None, out_dir: str | os.PathLike | None = None,
+                 calibration_batches: int = 20):
         # `model`: the TSPeftModel (or a wrapper of it). None: taken from the Trainer's callback arguments.
+        # `calibration_batches`: training batches run in eval mode at train end to set τ exactly (0: none).
         self.model = model
+        self.calibration_batches = calibration_batches
         self.log_path = Path(out_dir) / TRAIN_LOG if out_dir is not None else None
         self._started = False
 
@@ -78,6 +85,23 @@ class ThresholdCallback(TrainerCallback):
         ts_model = self._ts_model(kwargs)
         if ts_model is not None:
             ts_model.update_thresholds()
+
+    def on_train_end(self, args, state, control, train_dataloader=None, **kwargs):
+        """Calibrate τ so evaluation keeps u: eval-mode passes over `calibration_batches` training batches with the
+        final weights (docs/method.md, "Hitting the target in evaluation"). Every rank takes part (all-reduce)."""
+        ts_model = self._ts_model(kwargs)
+        if ts_model is None or train_dataloader is None or not self.calibration_batches:
+            return
+        model = kwargs.get("model") or ts_model
+        device = next(ts_model.parameters()).device
+        was_training = model.training
+        model.eval()
+        with ts_model.calibrating_thresholds(), torch.no_grad(), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16)):
+            for batch in itertools.islice(train_dataloader, self.calibration_batches):
+                model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        model.train(was_training)
+        ts_model.reset_stats()
 
     def statistics(self, ts_model: TSPeftModel | None) -> dict[str, Any]:
         """Kept fraction / τ since the last reset: overall and per module (dense model: kept 1.0, no τ)."""
