@@ -23,7 +23,8 @@ class TwoBranches(nn.Module):
         return torch.cat([self.a(x), self.b(x)], -1)
 
 
-def train_two_branches(ts_config: TokenSelectiveConfig, steps: int = 120, lora_dropout: float = 0.0):
+def train_two_branches(ts_config: TokenSelectiveConfig, steps: int = 120, lora_dropout: float = 0.0,
+                       loss_scale: float = 1.0):
     """Regression where branch a must move far from its base output (dropping its updates costs a lot) and
     branch b only a little; returns the model and the last 20 steps' mean loss."""
     torch.manual_seed(0)
@@ -44,7 +45,7 @@ def train_two_branches(ts_config: TokenSelectiveConfig, steps: int = 120, lora_d
         x = torch.randn(16, 8, 12, generator=generator)
         with torch.no_grad():
             target = torch.cat([teacher_a(x), teacher_b(x)], -1)
-        loss = nn.functional.mse_loss(model(x), target)
+        loss = loss_scale * nn.functional.mse_loss(model(x), target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -142,3 +143,14 @@ def test_loss_curve_and_oracle_on_known_numbers():
     torch.testing.assert_close(u, torch.tensor([0.5, 1.0], dtype=torch.float64))  # then module 1's −8 beats −2
     random = loss_curves(counts, changes, 4, random=True)
     torch.testing.assert_close(random[1], torch.linspace(0, -8, 5, dtype=torch.float64))
+
+
+def test_loss_driven_price_is_relative_so_the_loss_scale_does_not_matter():
+    """λ is a ratio to the mean benefit per token, so multiplying the loss by 1000 (AdamW's steps barely change)
+    leaves the kept fractions where they were; λ = 0.5 keeps part of the tokens, more of the sensitive module's."""
+    config = TokenSelectiveConfig(warmup_steps=10, sparsity_weight=0.5)
+    small, _ = train_two_branches(config, steps=60)
+    large, _ = train_two_branches(config, steps=60, loss_scale=1000.0)
+    u_small, u_large = small.kept_targets(), large.kept_targets()
+    assert 0.0 < u_small["b"] < u_small["a"] <= 1.0, u_small
+    assert u_large == pytest.approx(u_small, abs=0.05)
