@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import math
 import os
@@ -190,6 +191,16 @@ def probe(task_data: TaskData, args) -> dict:
             "train_seconds": round(time.perf_counter() - start, 1)}
 
 
+def append_record(record: dict) -> list[dict]:
+    """Add one record to RESULTS under a lock, re-reading the file first (several arms may run side by side)."""
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+        records.append(record)
+        atomic_write(RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
+    return records
+
+
 def sizes_of(args) -> str:
     return (f"n_train={args.n_train} n_eval={args.n_eval} epochs={args.epochs} lr={args.lr:g} batch={args.batch_size} "
             f"max_length={args.max_length} warmup={args.warmup_steps}" + (f" rule={json.dumps(args.rule)}" if args.rule else ""))
@@ -227,10 +238,10 @@ def main(argv=None) -> None:
                 continue
             print(f"{args.task} {arm} seed {seed} ...", flush=True)
             result = probe(task_data, args) if arm == "probe" else train_arm(task_data, arm, args, seed)
-            records.append({**key, **result, "n_train": len(task_data.train), "n_eval": len(task_data.eval),
-                            "num_labels": task_data.num_labels, "commit": code_commit(),
-                            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}"})
-            atomic_write(RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
+            record = {**key, **result, "n_train": len(task_data.train), "n_eval": len(task_data.eval),
+                      "num_labels": task_data.num_labels, "commit": code_commit(),
+                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}"}
+            records = append_record(record)
             print(f"  accuracy {result['accuracy']:.4f} kept {result.get('kept_fraction')}", flush=True)
 
 
