@@ -81,7 +81,8 @@ def task_examples(task: str, n_train: int, n_eval: int, seed: int) -> TaskData:
         train = list(pool)
         random.Random(seed).shuffle(train)
         labels = sorted({e["label"] for e in pool + evaluation})
-        return TaskData(task, get_kind("classification"), train[:n_train], evaluation[:n_eval], [str(v) for v in labels])
+        names = [str(v) for v in labels]
+        return TaskData(task, get_kind("classification"), train[:n_train], evaluation[:n_eval], names)
     spec = get_task(task)
     train, evaluation = load_task(task, n_train=n_train, n_eval=n_eval, seed=seed)
     return TaskData(task, get_kind(spec.kind), train, evaluation, list(spec.label_names) if spec.label_names else None)
@@ -136,7 +137,8 @@ def train_arm(task_data: TaskData, arm: str, args, seed: int, on_step=None) -> d
     return record
 
 
-def mean_pooled_features(task_data: TaskData, max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def mean_pooled_features(task_data: TaskData, max_length: int) -> tuple[torch.Tensor, ...]:
+    """(train features, train labels, eval features, eval labels): frozen MiniLM, mean over real tokens."""
     base, tokenizer = load_base("minilm", task_data.kind, task_data.num_labels)
     encoder = base.base_model.eval()
 
@@ -159,7 +161,8 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float) -> torc
     """Multinomial logistic regression, full-batch L-BFGS to convergence (standardised inputs)."""
     torch.manual_seed(0)
     head = torch.nn.Linear(x.shape[1], classes)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=500, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=500, tolerance_grad=1e-7,
+                                  line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
@@ -203,7 +206,8 @@ def append_record(record: dict) -> list[dict]:
 
 def sizes_of(args) -> str:
     return (f"n_train={args.n_train} n_eval={args.n_eval} epochs={args.epochs} lr={args.lr:g} batch={args.batch_size} "
-            f"max_length={args.max_length} warmup={args.warmup_steps}" + (f" rule={json.dumps(args.rule)}" if args.rule else ""))
+            f"max_length={args.max_length} warmup={args.warmup_steps}"
+            + (f" rule={json.dumps(args.rule)}" if args.rule else ""))
 
 
 def main(argv=None) -> None:
@@ -230,7 +234,8 @@ def main(argv=None) -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         task_data = task_examples(args.task, args.n_train, args.n_eval, seed)
         for arm in arms:
-            key = {"task": args.task, "arm": arm, "seed": seed, "kept": None if arm in ("probe", "dense") else args.kept,
+            dense = arm in ("probe", "dense")
+            key = {"task": args.task, "arm": arm, "seed": seed, "kept": None if dense else args.kept,
                    "sizes": sizes_of(args) + ("" if args.calibrate or arm in ("probe", "dense") else " uncalibrated")}
             if arm == "probe":
                 key["sizes"] = f"n_train={args.n_train} n_eval={args.n_eval} max_length={args.max_length}"

@@ -1,6 +1,6 @@
-"""RESULTS.md sections for the τ rule: its controls (results/controls.json) and its diagnosis (results/tau_trace_*.json).
+"""RESULTS.md sections for the τ rule: its controls (results/controls.json), its diagnosis (results/tau_trace_*.json).
 
-Called by make_tables.py; paired differences use the same seed (same examples, same order) of both arms, with a
+Called by make_tables.py. Paired differences use the same seed (same examples, same order) of both arms, with a
 95 % Student-t interval over seeds.
 """
 
@@ -13,11 +13,14 @@ from collections import defaultdict
 from pathlib import Path
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-PAIRS = [("learned", "dense"), ("uniform", "dense"), ("random", "dense"), ("learned", "uniform"), ("learned", "random")]
+PAIRS = [("learned", "dense"), ("uniform", "dense"), ("random", "dense"), ("learned", "uniform"),
+         ("learned", "random")]
+TS_ARMS = ("learned", "uniform", "random")
 REGIME_MARGIN = 0.05
 
 
 def interval(differences: list[float]) -> str:
+    """Mean difference in points with its 95 % t-interval over seeds."""
     mean = statistics.fmean(differences)
     if len(differences) < 2:
         return f"{100 * mean:+.1f} (1 seed)"
@@ -27,9 +30,8 @@ def interval(differences: list[float]) -> str:
 
 def spearman(a: list[float], b: list[float]) -> float:
     def ranks(values):
-        order = sorted(range(len(values)), key=values.__getitem__)
         result = [0.0] * len(values)
-        for rank, index in enumerate(order):
+        for rank, index in enumerate(sorted(range(len(values)), key=values.__getitem__)):
             result[index] = float(rank)
         return result
 
@@ -40,60 +42,81 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / norm if norm else float("nan")
 
 
+def arm_rows(arms: dict) -> list[str]:
+    rows = ["| arm | kept target | accuracy (mean ± std over seeds) | eval kept | seeds |", "|---|---|---|---|---|"]
+    for (arm, kept, raw), seeds in sorted(arms.items(), key=lambda item: (str(item[0][1]), item[0][0], item[0][2])):
+        accuracy = [r["accuracy"] for r in seeds.values()]
+        kept_eval = [r["kept_fraction"] for r in seeds.values() if r.get("kept_fraction") is not None]
+        spread = f" ± {statistics.stdev(accuracy):.3f}" if len(accuracy) > 1 else ""
+        kept_text = f"{statistics.fmean(kept_eval):.3f}" if kept_eval else "–"
+        rows.append(f"| {arm}{' (uncalibrated τ)' if raw else ''} | {kept if kept is not None else '–'} | "
+                    f"{statistics.fmean(accuracy):.3f}{spread} | {kept_text} | {len(seeds)} |")
+    return rows + [""]
+
+
+def allocation_lines(learned: dict, kept: float) -> list[str]:
+    """Spread of the learned per-module u, and its reproducibility across seeds (Spearman ρ)."""
+    runs = {s: r for s, r in learned.items() if r.get("allocation")}
+    lines = []
+    if len(runs) > 1:
+        seeds = sorted(runs)
+        names = sorted(runs[seeds[0]]["allocation"])
+        vectors = {s: [runs[s]["allocation"][n] for n in names] for s in seeds}
+        rhos = [spearman(vectors[a], vectors[b]) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
+        lines += [f"Learned allocation at kept {kept}: Spearman ρ of the per-module u between seeds, mean "
+                  f"{statistics.fmean(rhos):.2f} over {len(rhos)} pairs (target ≥ 0.6).", ""]
+    if runs:
+        ranges = "; ".join(f"{min(r['allocation'].values()):.2f}–{max(r['allocation'].values()):.2f}"
+                           for r in runs.values())
+        spread = statistics.fmean(statistics.pstdev(r["allocation"].values()) for r in runs.values())
+        lines += [f"Learned per-module u at kept {kept}: std {spread:.3f} across modules, range {ranges}.", ""]
+    return lines
+
+
+def setting_lines(task: str, sizes: str, runs: list[dict], probes: list[float]) -> list[str]:
+    arms: dict = defaultdict(dict)
+    for r in runs:
+        arms[(r["arm"], r.get("kept"), "uncalibrated" in r["sizes"])][r["seed"]] = r
+    lines = [f"### {task} (`{sizes}`)", ""]
+    if probes:
+        arms[("probe", None, False)] = {i: {"accuracy": a} for i, a in enumerate(probes)}
+    lines += arm_rows(arms)
+    dense = arms.get(("dense", None, False), {})
+    if probes and dense:
+        margin = statistics.fmean(r["accuracy"] for r in dense.values()) - statistics.fmean(probes)
+        verdict = "in regime" if margin >= REGIME_MARGIN else "NOT in regime (flagged: excluded from claims)"
+        lines += [f"Dense LoRA − probe: {100 * margin:+.1f} points: {verdict}.", ""]
+    for kept in sorted({k for (_, k, _) in arms if k is not None}):
+        table = {"dense": dense, **{arm: arms.get((arm, kept, False), {}) for arm in TS_ARMS}}
+        rows = []
+        for a, b in PAIRS:
+            common = sorted(set(table[a]) & set(table[b]))
+            if common:
+                differences = [table[a][s]["accuracy"] - table[b][s]["accuracy"] for s in common]
+                rows.append(f"| {a} − {b} | {interval(differences)} |")
+        if rows:
+            lines += [f"Paired differences at kept {kept} (accuracy points, mean [95 % interval]):", "",
+                      "| pair | difference |", "|---|---|", *rows, ""]
+        lines += allocation_lines(table["learned"], kept)
+    return lines
+
+
 def controls_section(records: list[dict]) -> list[str]:
     if not records:
         return ["No runs yet: `python benchmarks/controls.py --task sst5 --kept 0.5 --seeds 0,1,2`.", ""]
-    lines = ["MiniLM-L6 + LoRA r=8 (plain AdamW loop, `benchmarks/controls.py`); ts arms at the same kept target, "
+    lines = ["MiniLM-L6 + LoRA r=8 (plain AdamW loop, `benchmarks/controls.py`); the ts arms at the same kept target, "
              "τ calibrated in eval mode after training. probe: logistic regression on the frozen mean-pooled "
-             "embeddings (L-BFGS to convergence, L2 chosen on a held-out fifth). Differences in accuracy points, "
-             "paired by seed, 95 % t-interval.", ""]
+             "embeddings (L-BFGS to convergence, L2 chosen on a held-out fifth of the training examples). "
+             "Machine: the shared 2-core development CPU (times are not comparable).", ""]
     by_setting = defaultdict(list)
     for r in records:
-        by_setting[(r["task"], r["sizes"].replace(" uncalibrated", ""))].append(r)
+        if r["arm"] != "probe":
+            by_setting[(r["task"], r["sizes"].replace(" uncalibrated", ""))].append(r)
     for (task, sizes), runs in sorted(by_setting.items()):
-        probes = [r["accuracy"] for r in records if r["task"] == task and r["arm"] == "probe"]
-        arms = defaultdict(dict)
-        for r in runs:
-            arms[(r["arm"], r.get("kept"), "uncalibrated" in r["sizes"])][r["seed"]] = r
-        lines += [f"### {task} (`{sizes}`)", "", "| arm | kept target | accuracy | eval kept | seeds |", "|---|---|---|---|---|"]
-        if probes:
-            lines.append(f"| probe | – | {statistics.fmean(probes):.3f} | – | {len(probes)} |")
-        for (arm, kept, raw), seeds in sorted(arms.items(), key=lambda item: (str(item[0][1]), item[0][0], item[0][2])):
-            accuracy = [r["accuracy"] for r in seeds.values()]
-            kept_eval = [r["kept_fraction"] for r in seeds.values() if r.get("kept_fraction") is not None]
-            spread = f"{statistics.stdev(accuracy):.3f}" if len(accuracy) > 1 else "–"
-            lines.append(f"| {arm}{' (uncalibrated)' if raw else ''} | {kept if kept is not None else '–'} | "
-                         f"{statistics.fmean(accuracy):.3f} ± {spread} | "
-                         f"{statistics.fmean(kept_eval):.3f} | {len(seeds)} |" if kept_eval else
-                         f"| {arm} | – | {statistics.fmean(accuracy):.3f} ± {spread} | 1 | {len(seeds)} |")
-        lines.append("")
-        dense = arms.get(("dense", None, False), {})
-        if probes and dense:
-            margin = statistics.fmean(r["accuracy"] for r in dense.values()) - statistics.fmean(probes)
-            verdict = "in regime" if margin >= REGIME_MARGIN else "NOT in regime (flagged: excluded from claims)"
-            lines += [f"Dense LoRA − probe: {100 * margin:+.1f} points: {verdict}.", ""]
-        for kept in sorted({k for (_, k, _) in arms if k is not None}):
-            table = {arm: arms.get((arm, kept if arm != "dense" else None, False), {}) for arm in ("dense", "learned", "uniform", "random")}
-            rows = []
-            for a, b in PAIRS:
-                common = sorted(set(table[a]) & set(table[b]))
-                if common:
-                    rows.append(f"| {a} − {b} | {interval([table[a][s]['accuracy'] - table[b][s]['accuracy'] for s in common])} |")
-            if rows:
-                lines += [f"Paired differences at kept {kept}:", "", "| pair | points, mean [95 % interval] |", "|---|---|"] + rows + [""]
-            learned = table["learned"]
-            seeds = sorted(s for s in learned if learned[s].get("allocation"))
-            if len(seeds) > 1:
-                names = sorted(learned[seeds[0]]["allocation"])
-                rhos = [spearman([learned[a]["allocation"][n] for n in names], [learned[b]["allocation"][n] for n in names])
-                        for i, a in enumerate(seeds) for b in seeds[i + 1:]]
-                lines += [f"Learned allocation reproducibility at kept {kept}: Spearman ρ of the per-module u between "
-                          f"seeds, mean {statistics.fmean(rhos):.2f} over {len(rhos)} pairs (target ≥ 0.6).", ""]
-            spreads = [statistics.pstdev(r["allocation"].values()) for r in learned.values() if r.get("allocation")]
-            if spreads:
-                lines += [f"Spread of the learned per-module u at kept {kept}: std {statistics.fmean(spreads):.3f}, range "
-                          + "; ".join(f"{min(r['allocation'].values()):.2f}–{max(r['allocation'].values()):.2f}"
-                                      for r in learned.values() if r.get("allocation")) + ".", ""]
+        n_train = runs[0]["n_train"]
+        probes = [r["accuracy"] for r in records if r["arm"] == "probe" and r["task"] == task
+                  and r["n_train"] == n_train]
+        lines += setting_lines(task, sizes, runs, probes)
     return lines
 
 
@@ -104,30 +127,35 @@ def trace_summary(record: dict) -> dict:
     final_u = [steps[-1]["u"][m] for m in modules]
     slopes = {m: [s["slope"][m] for s in steps] for m in modules}
     means = [statistics.fmean(v) for v in slopes.values()]
-    effective = max(1.0, len(steps) * (1 - record["rule"]["slope_momentum"]))  # ĝ is autocorrelated over 1/(1-β) steps
+    # the running estimate is autocorrelated over ~1/(1-β) steps: count that many steps as one sample
+    effective = max(1.0, len(steps) * (1 - record["rule"]["slope_momentum"]))
     errors = [statistics.pstdev(v) / math.sqrt(effective) for v in slopes.values()]
     moves = [abs(b["u"][m] - a["u"][m]) for a, b in zip(steps, steps[1:]) for m in modules]
     return {"u_range": (min(final_u), max(final_u)), "u_std": statistics.pstdev(final_u),
             "slope_mean": statistics.fmean(means), "slope_spread": statistics.pstdev(means),
-            "slope_error": statistics.median(errors), "median_step": statistics.median(moves),
-            "step_size": record["rule"]["step_size"]}
+            "slope_error": statistics.median(errors), "median_step": statistics.median(moves)}
+
+
+def rule_name(rule: dict) -> str:
+    return "slope step (band estimate; rule of ec291ae)" if "band" in rule else "Frank–Wolfe on loss curves"
 
 
 def diagnosis_section(paths: list[Path]) -> list[str]:
     if not paths:
         return ["No traces yet: `python benchmarks/tau_trace.py --out benchmarks/results/tau_trace_<name>.json`.", ""]
-    lines = ["Per module and step, the rule's u and its slope estimate ∂L/∂u (`benchmarks/tau_trace.py`; MiniLM-L6 + "
-             "LoRA, plain AdamW loop). Slope figures: mean over the steps after the warm-up per module, then across "
+    lines = ["Per module and step, the rule's u and its slope estimate ∂L/∂u (`benchmarks/tau_trace.py`; MiniLM-L6 "
+             "+ LoRA, plain AdamW loop). Slope: mean over the steps after the warm-up per module, then across "
              "modules (spread = std of the per-module means; error = median standard error of a module's mean, "
              "counting 1/(1−β) steps as one sample). Step = median |Δu| of a module per step.", "",
-             "| trace | task, sizes | accuracy | eval kept | final u range (std) | slope mean | slope spread | "
-             "slope error | median step |", "|---|---|---|---|---|---|---|---|---|"]
+             "| trace | rule | task, sizes | accuracy | eval kept | final u range (std) | slope mean | slope spread "
+             "| slope error | median step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         record = json.loads(path.read_text())
         s = trace_summary(record)
-        lines.append(f"| {path.stem.replace('tau_trace_', '')} (commit {str(record.get('commit'))[:7]}) | {record['task']}, "
-                     f"{record['n_train']} × {record['epochs']} ep, lr {record['lr']:g}, kept {record['target_kept']} | "
-                     f"{record['accuracy']:.3f} | {record['eval_kept']:.3f} | {s['u_range'][0]:.2f}–{s['u_range'][1]:.2f} "
-                     f"({s['u_std']:.3f}) | {s['slope_mean']:.2e} | {s['slope_spread']:.2e} | {s['slope_error']:.2e} | "
-                     f"{s['median_step']:.1e} |")
+        sizes = (f"{record['task']}, {record['n_train']} × {record['epochs']} ep, lr {record['lr']:g}, "
+                 f"kept {record['target_kept']}")
+        u_text = f"{s['u_range'][0]:.2f}–{s['u_range'][1]:.2f} ({s['u_std']:.3f})"
+        lines.append(f"| {path.stem.replace('tau_trace_', '')} | {rule_name(record['rule'])} | {sizes} | "
+                     f"{record['accuracy']:.3f} | {record['eval_kept']:.3f} | {u_text} | {s['slope_mean']:.2e} | "
+                     f"{s['slope_spread']:.2e} | {s['slope_error']:.2e} | {s['median_step']:.1e} |")
     return lines + [""]

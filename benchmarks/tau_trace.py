@@ -4,11 +4,11 @@
         --out benchmarks/results/tau_trace_rt.json
 
 The training loop of `benchmarks/controls.py` (plain AdamW, linear decay, the training defaults' model, rank and
-target modules, `model.update_thresholds()` after each step), so what is recorded is what the rule sees and does. Each step records,
-per module: u (the allocation), the rule's running slope ∂L/∂u, τ, and the kept fraction realised in that
-step. `tau_tables.trace_summary` turns a trace into the figures of the "τ rule diagnosis" section of RESULTS.md:
-the spread of u across modules, the per-module mean slope and its standard error over steps, the per-step
-movement of u, and the accuracy / eval kept fraction at the end.
+target modules, `model.update_thresholds()` after each step), so what is recorded is what the rule sees and
+does. Each step records, per module: u (the allocation), the rule's slope estimate ∂L/∂u, τ, and the kept
+fraction realised in that step. `tau_tables.trace_summary` turns a trace into the figures of the "τ rule
+diagnosis" section of RESULTS.md: the spread of u across modules, the per-module mean slope and its standard
+error over steps, the per-step movement of u, and the accuracy / eval kept fraction at the end.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def run(args) -> dict:
     result = train_arm(task_data, args.arm, args, args.seed, on_step=on_step)
     return {"task": args.task, "n_train": len(task_data.train), "n_eval": len(task_data.eval), "epochs": args.epochs,
             "lr": args.lr, "seed": args.seed, "target_kept": args.target_kept, "arm": args.arm, "rule": result["rule"],
-            "accuracy": result["accuracy"], "eval_kept": result["kept_fraction"], "eval_per_module": result["per_module"],
+            "accuracy": result["accuracy"], "eval_kept": result["kept_fraction"],
+            "eval_per_module": result["per_module"],
             "train_seconds": result["train_seconds"], "commit": code_commit(), "trace": trace}
 
 

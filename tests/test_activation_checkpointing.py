@@ -29,7 +29,8 @@ def _checkpoint_run(make_base, targets, dora, inputs, checkpointing):
     out = model(**inputs)
     out.loss.backward() if out.loss is not None else out.logits.float().pow(2).mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    stats = {n: (g.kept_counts.clone(), g.r_histogram.clone(), g.change_histogram.clone()) for n, g in model.gates.items()}
+    stats = {n: (g.kept_counts.clone(), g.r_histogram.clone(), g.change_histogram.clone())
+             for n, g in model.gates.items()}
     return grads, stats, model.kept_fraction()
 
 

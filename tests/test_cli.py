@@ -32,6 +32,9 @@ def fails(argv, capsys) -> str:
     (["train", "--task", "rotten_tomatoes", "--target-kept", "abc", "--out", "x"], "argument --target-kept"),
     (["train", "--task", "rotten_tomatoes", "--method", "lora", "--target-kept", "0.5", "--out", "x"],
      "applies only to the ts-* methods"),
+    (["train", "--task", "rotten_tomatoes", "--method", "lora", "--allocation", "uniform", "--out", "x"],
+     "argument --allocation: applies only to the ts-* methods"),
+    (["train", "--task", "rotten_tomatoes", "--selection", "top", "--out", "x"], "argument --selection"),
     (["train", "--task", "rotten_tomatoes", "--method", "prefix", "--out", "x"], "argument --method"),
     (["train", "--task", "rotten_tomatoes", "--epochs", "-1", "--out", "x"], "argument --epochs"),
     (["train", "--task", "rotten_tomatoes", "--n-train", "0", "--out", "x"], "argument --n-train"),
@@ -80,6 +83,17 @@ def test_loss_driven_rule_flag(tmp_path, bert_dir, data_file):
           "--warmup-steps", "1", "--device", "cpu", "--no-report", "--out", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["target_kept"] is None and metrics["tau_rule"] == "loss-driven"
+
+
+def test_control_flags_reach_the_rule(tmp_path, bert_dir, data_file):
+    out = tmp_path / "uniform-random"
+    main(["train", "--data", str(data_file), "--model", str(bert_dir), "--allocation", "uniform", "--selection",
+          "random", "--target-kept", "0.5", "--max-steps", "3", "--warmup-steps", "1", "--device", "cpu",
+          "--no-report", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["allocation"] == "uniform" and metrics["selection"] == "random"
+    saved = json.loads((out / "ts_config.json").read_text())["ts_config"]
+    assert saved["allocation"] == "uniform" and saved["selection"] == "random"
 
 
 def test_bad_data_is_a_clear_error(tmp_path, bert_dir, capsys):

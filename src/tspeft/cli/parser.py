@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+from ..core.config import ALLOCATIONS, SELECTIONS
 from ..tasks.data import TASKS
 from ..tasks.resources import EMBEDDED_MODELS
 from ..training.defaults import DEFAULTS, METHODS
@@ -168,6 +169,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ramp-steps", type=_non_negative_int,
                    help="ts-* target mode: steps over which the kept target falls from 1 to --target-kept after "
                         f"the warm-up (default {DEFAULTS.ramp_fraction:g} of the run's steps)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=argparse.SUPPRESS,
+                   help="ts-*: how the kept budget is shared among modules: learned by the τ rule (default) or "
+                        "uniform (every module at the target; a control)")
+    p.add_argument("--selection", choices=SELECTIONS, default=argparse.SUPPRESS,
+                   help="ts-*: which tokens are kept: by relative magnitude r (default) or random at the module's "
+                        "kept fraction, in training and evaluation (a control)")
     p.add_argument("--n-train", type=_positive_int,
                    help="number of training examples (default: the whole train split)")
     p.add_argument("--logging-steps", type=_positive_int, help=f"log every N steps (default {DEFAULTS.logging_steps})")
@@ -287,8 +294,9 @@ def _check_data_flags(parser: argparse.ArgumentParser, args, *, eval_only: bool 
 def _check_train_flags(parser: argparse.ArgumentParser, args) -> None:
     sub = parser._tspeft_sub[args.command]
     methods = [args.method] if args.command == "train" else args.methods
-    if hasattr(args, "target_kept") and not any(m.startswith("ts-") for m in methods):
-        sub.error("argument --target-kept: applies only to the ts-* methods")
+    for flag in ("target_kept", "allocation", "selection"):
+        if hasattr(args, flag) and not any(m.startswith("ts-") for m in methods):
+            sub.error(f"argument --{flag.replace('_', '-')}: applies only to the ts-* methods")
     _check_model_flag(sub, args)
     if args.few_shot and any(m != "none" for m in methods):
         sub.error("argument --few-shot: a few-shot baseline is --method none (nothing trained)")

@@ -154,7 +154,8 @@ def allocation_oracle(slopes: torch.Tensor, weights: torch.Tensor, config: Token
     order = torch.argsort(flat, stable=True)
     spent = torch.cumsum(flat_cost[order], 0)
     budget = target * float(weights.sum())
-    cut_index = int(torch.searchsorted(spent, torch.tensor(budget, dtype=torch.float64) - 1e-9).clamp(max=flat.numel() - 1))
+    budget_left = torch.tensor(budget, dtype=torch.float64) - 1e-9
+    cut_index = int(torch.searchsorted(spent, budget_left).clamp(max=flat.numel() - 1))
     cut = flat[order[cut_index]]
     below, tied = density < cut, density == cut
     rest = budget - float((cost * below).sum())

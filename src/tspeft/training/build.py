@@ -32,12 +32,14 @@ def load_base(model_name_or_path: str, task_kind: str | TaskKind, num_labels: in
 def build_model(method: str, base: nn.Module, task_kind: str | TaskKind, *, rank: int | None = None,
                 target_modules: list[str] | None = None, target_kept: float | None = DEFAULTS.target_kept,
                 warmup_steps: int | None = None, ramp_steps: int = 0, lora_alpha: float | None = None,
-                lora_dropout: float | None = None) -> nn.Module:
+                lora_dropout: float | None = None, allocation: str = "learned",
+                selection: str = "magnitude") -> nn.Module:
     """Attach `method`'s adapter to `base` (a loaded transformers model); returns the model to train.
 
     ts-*: a TSPeftModel; lora/dora: a peft PeftModel; adapter: `base` with ungated bottleneck adapters;
     none: `base` with everything frozen except a classification head (if any). `target_kept` (None: the
-    loss-driven rule), `warmup_steps` and `ramp_steps` apply to the ts-* methods only.
+    loss-driven rule), `warmup_steps`, `ramp_steps`, `allocation` and `selection` (the controls, see
+    docs/method.md) apply to the ts-* methods only.
     """
     check_method(method)
     kind = base_method(method)
@@ -62,7 +64,7 @@ def build_model(method: str, base: nn.Module, task_kind: str | TaskKind, *, rank
     if method.startswith("ts-"):
         ts_config = TokenSelectiveConfig(target_kept=target_kept,
                                          warmup_steps=DEFAULTS.warmup_steps if warmup_steps is None else warmup_steps,
-                                         ramp_steps=ramp_steps)
+                                         ramp_steps=ramp_steps, allocation=allocation, selection=selection)
         return get_ts_peft_model(base, peft_config, ts_config)
     if kind == "adapter":
         inject_bottleneck_adapters(base, peft_config)
@@ -75,4 +77,5 @@ def build_for_plan(plan: TrainPlan, base: nn.Module) -> nn.Module:
     """`build_model` with the plan's resolved settings."""
     return build_model(plan.method, base, plan.kind, rank=plan.rank, target_modules=plan.target_modules,
                        target_kept=plan.target_kept, warmup_steps=plan.warmup_steps, ramp_steps=plan.ramp_steps or 0,
-                       lora_alpha=plan.lora_alpha, lora_dropout=plan.lora_dropout)
+                       lora_alpha=plan.lora_alpha, lora_dropout=plan.lora_dropout,
+                       allocation=plan.allocation or "learned", selection=plan.selection or "magnitude")

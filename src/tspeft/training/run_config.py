@@ -67,6 +67,8 @@ class TrainConfig(RunInputs):
     target_kept: float | None = DEFAULTS.target_kept  # ts-*: overall kept fraction; None: the loss-driven rule
     warmup_steps: int | None = None
     ramp_steps: int | None = None  # None: DEFAULTS.ramp_fraction of the run's optimizer steps
+    allocation: str = "learned"  # ts-*: "uniform" pins every module's kept fraction at the target (control)
+    selection: str = "magnitude"  # ts-*: "random" keeps each token with the module's kept probability (control)
     logging_steps: int | None = None
     modules_from: str | None = None  # an importance.json written by `tspeft importance`
     top_k: int | None = None
@@ -113,6 +115,8 @@ class TrainPlan:
     target_kept: float | None  # ts-* only; None also for the loss-driven rule
     warmup_steps: int | None  # ts-* only: as fitted to the run (`fit_gate_schedule`)
     ramp_steps: int | None  # ts-* only: as fitted to the run
+    allocation: str | None  # ts-* only: "learned" or "uniform"
+    selection: str | None  # ts-* only: "magnitude" or "random"
     zero_shot: bool  # method none on a kind without a head: nothing is trained
     linear_probe: bool  # method none on a kind with a head: the head alone is trained
     warmup_steps_requested: int | None = None  # ts-* only: the warm-up asked for (or the default)
@@ -201,6 +205,7 @@ def resolve_train(cfg: TrainConfig, task_data: TaskData) -> TrainPlan:
         warmup_steps=schedule.get("warmup_steps"), ramp_steps=schedule.get("ramp_steps"),
         warmup_steps_requested=schedule.get("warmup_steps_requested"), target_reached=schedule.get("target_reached"),
         schedule_note=schedule.get("schedule_note"),
+        allocation=cfg.allocation if gated else None, selection=cfg.selection if gated else None,
         zero_shot=cfg.method == "none" and not kind.has_head, linear_probe=cfg.method == "none" and kind.has_head)
 
 
