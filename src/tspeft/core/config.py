@@ -12,6 +12,7 @@ from typing import Any
 
 ALLOCATIONS = ("learned", "uniform")  # how the kept budget is shared among modules
 SELECTIONS = ("magnitude", "random")  # which tokens of a module are kept
+RETIRED_FIELDS = ("band",)  # fields of the earlier slope rule: adapter folders saved with them still load
 
 
 @dataclass
@@ -93,6 +94,7 @@ class TokenSelectiveConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TokenSelectiveConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in RETIRED_FIELDS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"TokenSelectiveConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
