@@ -23,6 +23,7 @@ from .config import TokenSelectiveConfig
 GATE_STATE = ("tau", "allocated_kept", "loss_slope")  # persistent per-gate τ-rule state (scalars)
 GATE_SAVED = GATE_STATE + ("loss_curve",)  # what adapter files and checkpoints hold per gate
 LEGACY_STATE_NAMES = {"allocated_kept": "kept_target"}  # the names adapters saved before the rename use
+RETIRED_GATE_BUFFERS = (".ts_gate.band_low", ".ts_gate.band_high")  # the earlier slope rule's: ignored on load
 
 
 class TokenCounts(NamedTuple):

@@ -28,7 +28,7 @@ from . import io
 from .adapter import BottleneckConfig, inject_bottleneck_adapters
 from .attach import TokenMask, attach_gate, is_gateable
 from .config import TokenSelectiveConfig
-from .gate import GATE_SAVED, LEGACY_STATE_NAMES, TokenCounts, TokenGate
+from .gate import GATE_SAVED, LEGACY_STATE_NAMES, RETIRED_GATE_BUFFERS, TokenCounts, TokenGate
 from .tau_rule import CHANGES, calibrate_thresholds, update_thresholds
 
 
@@ -256,7 +256,11 @@ class TSPeftModel(nn.Module):
         if missing:
             raise ValueError(f"{folder}: the adapted modules do not match this base model "
                              f"({type(self.get_base_model()).__name__}); differing: {missing[:5]}")
-        weights = {_current_name(k[len("adapter."):]): v for k, v in tensors.items() if k.startswith("adapter.")}
+        weights = {_current_name(k[len("adapter."):]): v for k, v in tensors.items()
+                   if k.startswith("adapter.") and not k.endswith(RETIRED_GATE_BUFFERS)}
+        for key, value in self.adapter_state_dict().items():
+            if key.endswith(".ts_gate.loss_curve") and key not in weights:
+                weights[key] = value  # saved before the loss curve existed: it restarts from zero
         self._load_adapter_weights(weights, folder)
         states = {name: _checked_gate_state(_saved_gate_state(tensors, name, folder), name, folder)
                   for name in self.gates}
