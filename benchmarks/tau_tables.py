@@ -117,6 +117,11 @@ def controls_section(records: list[dict]) -> list[str]:
         probes = [r["accuracy"] for r in records if r["arm"] == "probe" and r["task"] == task
                   and r["n_train"] == n_train]
         lines += setting_lines(task, sizes, runs, probes)
+    covered = {(r["task"], r["n_train"]) for runs in by_setting.values() for r in runs}
+    for r in records:
+        if r["arm"] == "probe" and (r["task"], r["n_train"]) not in covered:
+            lines += [f"{r['task']} (`{r['sizes']}`), probe only so far: accuracy {r['accuracy']:.3f} "
+                      f"(seed {r['seed']}); no fine-tuned arm has finished.", ""]
     return lines
 
 
