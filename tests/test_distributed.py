@@ -84,7 +84,7 @@ def test_fsdp2_shards_the_adapter_and_keeps_every_gate_buffer_whole_and_equal(ru
         assert placement["params"] and all(sharded and 2 * local == rows for sharded, local, rows in
                                            placement["params"].values()), placement["params"]
         gate_fields = {name.rsplit(".", 1)[1] for name in placement["buffers"]}
-        assert {"tau", "allocated_kept", "loss_slope", "band_low", "band_high", "kept_counts"} <= gate_fields
+        assert {"tau", "allocated_kept", "loss_slope", "loss_curve", "kept_counts"} <= gate_fields
         assert all(kind == "Tensor" for kind, _ in placement["buffers"].values())  # not DTensor shards
     for a, b in zip(ranks[0]["fsdp"]["log"], ranks[1]["fsdp"]["log"]):
         assert a["tau"] == b["tau"] and a["kept_targets"] == b["kept_targets"] and a["slopes"] == b["slopes"]
