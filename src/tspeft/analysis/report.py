@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ..core.io import atomic_write
-from ..training.run_folder import METRICS, REPORT, REPORT_FIGURES, TOKEN_MASKS, TOKEN_STATS, TRAIN_LOG
+from ..training.run_folder import (METRICS, POSITION_MASKS, REPORT, REPORT_FIGURES, TOKEN_MASKS, TOKEN_STATS,
+                                   TRAIN_LOG)
 from ..training.staging import require_complete
 from . import plots
+from .overlays import position_overlay_figures
 from .tokens import group_by_layer, layer_index, layer_token_matrix, module_type, to_float
 
 MAX_TOKEN_EXAMPLES = 4
@@ -286,6 +288,8 @@ def _token_mask_section(page: _Page) -> list[str]:
                + f", {len(ex['masks'])} modules): cell = fraction of that layer's adapted modules whose "
                "update was applied at the token (1 = all kept, 0 = all dropped; gray = not recorded).")
         token_parts.append(page.figure(png, cap) + f"<p><small>Tokens: <code>{esc(text)}</code></small></p>")
+    if not token_parts and (data.run_dir / POSITION_MASKS).is_file():
+        return []  # an image run: its positions have their own section
     return ["<h2>Which tokens each layer updated</h2>" + (
         "".join(token_parts) if token_parts else
         '<p class="note">No token masks were recorded for this run (token_masks.json is missing or holds no '
@@ -354,7 +358,18 @@ def _summary(page: _Page) -> str:
     return summary
 
 
-SECTIONS = (_kept_and_tau_sections, _module_heatmap_section, _token_mask_section, _token_stats_section, _loss_section)
+def _position_section(page: _Page) -> list[str]:
+    """4a. image runs: the kept positions of each gated layer drawn over a few eval images."""
+    figures = position_overlay_figures(page.data.run_dir, page.fig_dir, (page.data.metrics or {}).get("label_names"),
+                                       page.notes)
+    if figures is None:
+        return []
+    return ["<h2>Which positions each layer updated</h2>" + ("".join(page.figure(*f) for f in figures) or
+            '<p class="note">position_masks.json holds no usable examples.</p>')]
+
+
+SECTIONS = (_kept_and_tau_sections, _module_heatmap_section, _position_section, _token_mask_section,
+            _token_stats_section, _loss_section)
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:

@@ -121,11 +121,19 @@ def read_image_folder(root: str | os.PathLike, label_names: list[str] | None = N
     return examples, names
 
 
-def check_images(examples: list[Example]) -> None:
-    """Decode every file-backed image once, so a broken file fails before training with its name."""
+def verify_images(examples: list[Example]) -> None:
+    """Check every file-backed image's header and structure without decoding it (Pillow's verify), so a file
+    that is no image fails before training, with its name. A file broken further in fails when its batch is
+    built, also with its name (`load_pixels`)."""
+    from PIL import Image, UnidentifiedImageError
+
     for example in examples:
         if isinstance(example["image"], str):
-            load_pixels(example["image"])
+            try:
+                with Image.open(example["image"]) as image:
+                    image.verify()
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+                raise ValueError(f"{example['image']}: cannot read this image ({error})") from None
 
 
 def load_pixels(source: str | torch.Tensor) -> torch.Tensor:

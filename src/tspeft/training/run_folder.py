@@ -9,6 +9,8 @@
         train_log.jsonl     one line per logging step (see callback.py)
         token_masks.json    ts-* only: per-module keep masks of a few eval examples (real tokens only)
         token_stats.json    ts-* only: kept fraction by token kind / position / vocabulary item (token_stats.py)
+        position_masks.json image ts-* runs instead of the two above: a few eval images and, per gated module,
+                            which feature-map positions kept their update (tspeft.tasks.image_classification)
         the adapter         ts-*: TSPeftModel.save_pretrained (ts_config.json + weights, see tspeft.core.io);
                             lora/dora: peft's save_pretrained (adapter_config.json + weights);
                             adapter/none: trainable_weights.safetensors + run_manifest.json
@@ -36,6 +38,7 @@ from torch import nn
 from ..core.adapter import BottleneckConfig, inject_bottleneck_adapters
 from ..core.io import MANIFEST, atomic_write
 from ..core.model import TSPeftModel
+from ..tasks.image import POSITION_MASKS  # noqa: F401 - the image kind's extra record, named here with the rest
 from ..tasks.labels import LabelSet
 from .wrappers import unwrap_ts_model
 
