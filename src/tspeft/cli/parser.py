@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..core.config import ALLOCATIONS, SELECTIONS
 from ..tasks.data import TASKS
+from ..tasks.kinds import TASK_KINDS
 from ..tasks.resources import EMBEDDED_MODELS
 from ..training.defaults import DEFAULTS, METHODS
 from ..training.run_folder import CHECKPOINTS, resolve_checkpoint
@@ -115,12 +116,16 @@ def _task_names() -> list[str]:
 # ----- parser ----------------------------------------------------------------------------------------------------
 def _add_data_flags(p: argparse.ArgumentParser, *, eval_only: bool = False) -> None:
     p.add_argument("--task", help="shipped task: " + ", ".join(_safe_task_names()))
-    p.add_argument("--data", metavar="FILE", help="your own .jsonl/.csv file" + (
-        " to evaluate on" if eval_only else " (train split; 20%% held out unless --eval-data)"))
-    p.add_argument("--eval-data", metavar="FILE", help="your own eval file (.jsonl/.csv)")
+    p.add_argument("--data", metavar="FILE|DIR", help="your own .jsonl/.csv file, or a folder of images with one "
+                   "sub-folder per class" + (" to evaluate on" if eval_only else
+                                             " (train split; 20%% held out unless --eval-data)"))
+    p.add_argument("--eval-data", metavar="FILE|DIR", help="your own eval file (.jsonl/.csv) or image folder")
+    p.add_argument("--task-kind", choices=_kind_names(), help="kind of --data (default: an image folder is image, "
+                   "a file with an options column multiple_choice, else classification)")
     p.add_argument("--model", metavar="PATH|NAME",
-                   help="base model: minilm, smollm2, or a local folder (default: minilm for classification, "
-                        "smollm2 for multiple choice)" + ("; default: the run's model" if eval_only else ""))
+                   help="base model: minilm, smollm2, efficientnet-lite0, or a local folder (default: minilm for "
+                        "classification, smollm2 for multiple choice, efficientnet-lite0 for images)"
+                        + ("; default: the run's model" if eval_only else ""))
     group = p.add_argument_group("columns of --data files")
     group.add_argument("--text-column", help="classification text (default: text)")
     group.add_argument("--text-pair-column", help="classification second text (optional)")
@@ -140,11 +145,18 @@ def _add_data_flags(p: argparse.ArgumentParser, *, eval_only: bool = False) -> N
                        "text (group 1 if it has one), e.g. '-?\\d+' (default: the task's, else the whole text)")
     p.add_argument("--n-eval", type=_positive_int, help="number of eval examples (default: the whole eval split)")
     p.add_argument("--max-length", type=_int_at_least(2), help="tokens per example (default 64 encoder / 192 decoder)")
+    p.add_argument("--image-size", type=_positive_int, help="image runs: images are resized to N×N pixels (default: "
+                   "the model's input size, 224 for efficientnet-lite0" + ("; eval default: the run's)" if eval_only
+                                                                          else ")"))
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default 32 encoder / 8 decoder)")
     p.add_argument("--device", type=_device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--bf16", action="store_true", default=None,
                    help="bfloat16 mixed precision (autocast; weights stay fp32): faster on CPUs with AVX512-BF16 "
                         "or AMX and on recent GPUs (eval default: the precision the run was trained in)")
+
+
+def _kind_names() -> list[str]:
+    return list(TASK_KINDS)
 
 
 def _safe_task_names() -> list[str]:
@@ -284,8 +296,13 @@ def _check_data_flags(parser: argparse.ArgumentParser, args, *, eval_only: bool 
                       else "argument --eval-data: needs --data (the training file)")
     for name in ("data", "eval_data"):
         path = getattr(args, name)
-        if path and not Path(path).is_file():
+        if path and not (Path(path).is_file() or Path(path).is_dir()):
             sub.error(f"argument --{name.replace('_', '-')}: file not found: {path}")
+    folders = [p for p in (args.data, args.eval_data) if p and Path(p).is_dir()]
+    given = [f"--{name.replace('_', '-')}" for name in COLUMN_FLAGS if getattr(args, name) is not None]
+    if folders and given:
+        sub.error(f"argument {given[0]}: column flags apply to .jsonl/.csv files, not to the image folder "
+                  f"{folders[0]}")
     for name, default in COLUMN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -318,8 +335,8 @@ def _check_model_flag(sub: argparse.ArgumentParser, args) -> None:
     if not args.model or _is_model_name(args.model):
         return
     if not Path(args.model).is_dir():
-        sub.error(f"argument --model: {args.model!r} is neither an embedded model (minilm, smollm2) nor a local "
-                  "folder")
+        sub.error(f"argument --model: {args.model!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) "
+                  "nor a local folder")
     if not (Path(args.model) / "config.json").is_file():
         sub.error(f"argument --model: {args.model} is not a model folder (no config.json)")
 

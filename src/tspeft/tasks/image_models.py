@@ -68,7 +68,8 @@ class ImageClassifier(nn.Module):
         self.classifier = nn.Linear(feature_channels, num_labels)
         self.num_labels = num_labels
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **loss_kwargs):
+        # loss_kwargs: the Trainer's num_items_in_batch; a per-image mean loss needs no global count
         features = self.backbone.extract_features(pixel_values).mean(dim=(2, 3))
         logits = self.classifier(self.dropout(features))
         loss = F.cross_entropy(logits, labels) if labels is not None else None

@@ -18,9 +18,13 @@ A kind declares:
     has_head        a randomly initialised head that is trained in full (method `none` = a linear probe);
                     without one, method `none` is zero-shot scoring (nothing trained)
     default_model, default_batch_size, default_max_length   the run defaults for this kind
+    has_tokens      whether inputs are token ids (False for images: no token masks or token statistics)
 
 and implements `example_from_row` (one user row -> one example), `features`, `collator`, `evaluate` and
-`example_ids`. Adding a kind: one module defining a `TaskKind` subclass and one line in
+`example_ids`. Optional hooks (the defaults fit text kinds): `claims_path` (a ``--data`` path that is this
+kind's without reading columns, e.g. an image folder), `target_modules` (the layers to adapt; None: training's
+Linear default), `extra_records` (more JSON files for a gated run's folder), `run_settings` (input settings
+written to metrics.json), and `load_model`'s ``input_size``. Adding a kind: one module defining a `TaskKind` subclass and one line in
 `tspeft.tasks.kinds.TASK_KINDS`.
 """
 
@@ -49,7 +53,8 @@ class TaskKind:
     has_head: bool = False
     default_model: str
     default_batch_size: int
-    default_max_length: int
+    default_max_length: int | None
+    has_tokens: bool = True
 
     def __repr__(self) -> str:
         return f"<task kind {self.name}>"
@@ -104,12 +109,23 @@ class TaskKind:
         """Number of classes of a head (None for kinds without a head)."""
         return None
 
+    def claims_path(self, path: str | Path | None) -> bool:
+        """Whether a ``--data`` path is this kind's by its form alone (an image folder); else columns decide."""
+        return False
+
     # ----- model
-    def load_model(self, name_or_path: str, num_labels: int | None) -> tuple[Any, Any]:
-        """``(model, tokenizer)`` for this kind from an embedded name or a local folder."""
+    def load_model(self, name_or_path: str, num_labels: int | None, input_size: int | None = None) -> tuple[Any, Any]:
+        """``(model, tokenizer)`` for this kind from an embedded name or a local folder (``input_size``: the
+        side of an image input in pixels; kinds with token inputs have none)."""
         from .resources import load_model_and_tokenizer
 
+        if input_size is not None:
+            raise ValueError(f"--image-size applies to image runs, not to {self.name} data")
         return load_model_and_tokenizer(name_or_path, self.model_kind, num_labels=num_labels or 2)
+
+    def target_modules(self, model) -> list[str] | None:
+        """Names of the layers to adapt in ``model``; None: training's default (its nn.Linear layers)."""
+        return None
 
     # ----- features and scoring
     def features(self, tokenizer, examples: list[Example], max_length: int) -> list[dict[str, Any]]:
@@ -128,6 +144,14 @@ class TaskKind:
     def example_ids(self, tokenizer, example: Example, max_length: int) -> list[int]:
         """Token ids of one example as the model sees it in training."""
         return list(self.features(tokenizer, [example], max_length)[0]["input_ids"])
+
+    def extra_records(self, model, ts_model, tokenizer, examples: list[Example], device) -> dict[str, Any]:
+        """{file name: JSON value} written into a gated run's folder from its eval ``examples`` (none by default)."""
+        return {}
+
+    def run_settings(self, tokenizer) -> dict[str, Any]:
+        """Input settings recorded in metrics.json beside max_length (none by default)."""
+        return {}
 
     def majority_accuracy(self, examples: list[Example]) -> float | None:
         """Accuracy of always giving the most common gold value of ``examples`` (None if there are none): the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .classification import CLASSIFICATION
 from .generation import GENERATION
+from .image import IMAGE
 from .kind import TaskKind
 from .multiple_choice import MULTIPLE_CHOICE
 
@@ -14,6 +15,7 @@ TASK_KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (
     CLASSIFICATION,
     MULTIPLE_CHOICE,
     GENERATION,
+    IMAGE,
 )}
 DEFAULT_KIND = CLASSIFICATION  # a user's file that no kind's marker column claims
 
@@ -25,6 +27,11 @@ def get_kind(name: str | TaskKind) -> TaskKind:
     if name not in TASK_KINDS:
         raise ValueError(f"unknown data kind {name!r}; expected one of {tuple(TASK_KINDS)}")
     return TASK_KINDS[name]
+
+
+def kind_for_path(path) -> TaskKind | None:
+    """The kind that claims a ``--data`` path by its form (an image folder), or None: its columns decide."""
+    return next((kind for kind in TASK_KINDS.values() if kind.claims_path(path)), None)
 
 
 def kind_for_columns(header: set[str], columns: dict[str, str | None]) -> TaskKind:

@@ -24,9 +24,11 @@ from .run_config import TrainPlan, check_method
 from .targets import head_names, target_modules_for
 
 
-def load_base(model_name_or_path: str, task_kind: str | TaskKind, num_labels: int | None):
-    """``(model, tokenizer)`` of the base model for `task_kind` (an embedded name or a local folder)."""
-    return get_kind(task_kind).load_model(model_name_or_path, num_labels)
+def load_base(model_name_or_path: str, task_kind: str | TaskKind, num_labels: int | None,
+              input_size: int | None = None):
+    """``(model, tokenizer)`` of the base model for `task_kind` (an embedded name or a local folder);
+    `input_size`: an image run's input side in pixels."""
+    return get_kind(task_kind).load_model(model_name_or_path, num_labels, input_size)
 
 
 def build_model(method: str, base: nn.Module, task_kind: str | TaskKind, *, rank: int | None = None,
@@ -44,7 +46,8 @@ def build_model(method: str, base: nn.Module, task_kind: str | TaskKind, *, rank
     check_method(method)
     kind = base_method(method)
     task_kind = get_kind(task_kind)
-    targets = target_modules_for(base, target_modules)
+    kind_targets = None if target_modules else task_kind.target_modules(base)  # e.g. an image model's 1×1 convs
+    targets = kind_targets or target_modules_for(base, target_modules)
     heads = head_names(base) if task_kind.has_head else []
     if kind == "none":
         for name, parameter in base.named_parameters():

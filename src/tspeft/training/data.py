@@ -24,7 +24,7 @@ import torch
 from ..tasks import data as tasks_data
 from ..tasks.files import read_rows
 from ..tasks.kind import TaskKind
-from ..tasks.kinds import TASK_KINDS, get_kind, kind_for_columns
+from ..tasks.kinds import TASK_KINDS, get_kind, kind_for_columns, kind_for_path
 from ..tasks.labels import LabelSet
 
 
@@ -66,8 +66,13 @@ def column_names(cfg) -> dict[str, str | None]:
 
 
 def data_kind(cfg, path: str | None = None) -> TaskKind:
-    """The kind of a user's file, by its columns (e.g. an options column means multiple choice)."""
-    rows = read_rows(path or cfg.data or cfg.eval_data)
+    """The kind of a user's data: by its form (an image folder), else by its columns (e.g. an options column
+    means multiple choice)."""
+    path = path or cfg.data or cfg.eval_data
+    claimed = kind_for_path(path)
+    if claimed is not None:
+        return claimed
+    rows = read_rows(path)
     header = {key for row in rows[:50] for key in row}
     return kind_for_columns(header, column_names(cfg))
 

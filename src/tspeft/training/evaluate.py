@@ -66,13 +66,15 @@ def evaluate(args) -> dict[str, Any]:
     model_name = _base_model_name(cfg, folder, run)
     cfg = _data_inputs(cfg, run)
     kind = run.get("task_kind")
-    task_data = load_data(cfg, labels=read_labels(folder, run), kind=kind, saved_settings=run.get("generation"))
+    task_data = load_data(cfg, labels=read_labels(folder, run), kind=kind or cfg.task_kind,
+                          saved_settings=run.get("generation"))
     if kind and task_data.kind.name != kind:
         raise ValueError(f"the adapter was trained for {kind}, but the data is {task_data.kind.name}")
     task_kind = task_data.kind
     device = resolve_device(cfg.device)
     with quiet_load_report():  # the head comes from the adapter: no "newly initialized" report
-        base, tokenizer = load_base(model_name, task_kind, run.get("num_labels") or task_data.num_labels)
+        base, tokenizer = load_base(model_name, task_kind, run.get("num_labels") or task_data.num_labels,
+                                    cfg.image_size or run.get("image_size"))
     model = load_adapter(base, folder, method)
     max_length = cfg.max_length or run.get("max_length") or task_kind.default_max_length
     batch_size = cfg.batch_size or (run.get("batch_size") or task_kind.default_batch_size) * DEFAULTS.eval_batch_factor

@@ -94,10 +94,17 @@ def token_stats_on_eval(model: nn.Module, tokenizer, task_data: TaskData, max_le
 def measure_run(model: nn.Module, tokenizer, task_data: TaskData, plan: TrainPlan, device: torch.device,
                 bf16: bool | None, write_to: Path | None) -> dict[str, Any]:
     """`evaluate_model` on every rank (it all-reduces); with `write_to` (the main process's run folder) also the
-    token masks and token statistics of a gated model, written there."""
+    token masks and token statistics of a gated model (for kinds without tokens: the kind's own records, e.g.
+    an image run's kept positions), written there."""
     with precision(device, bf16):
         evaluation = evaluate_model(model, tokenizer, task_data, plan.max_length, plan.eval_batch_size, device)
-        if write_to is not None:
+        ts_model = unwrap_ts_model(model)
+        if write_to is not None and not task_data.kind.has_tokens:
+            if ts_model is not None and task_data.eval:
+                for name, record in task_data.kind.extra_records(model, ts_model, tokenizer, task_data.eval,
+                                                                 device).items():
+                    write_json(write_to / name, record)
+        elif write_to is not None:
             masks = record_token_masks(model, tokenizer, task_data, plan.max_length, device)
             if masks is not None:
                 write_json(write_to / TOKEN_MASKS, masks)

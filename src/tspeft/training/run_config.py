@@ -43,7 +43,9 @@ class RunInputs:
     max_new_tokens: int | None = None  # generation: greedy decoding length (default: the kind's)
     model: str | None = None
     seed: int = 0
+    task_kind: str | None = None  # a user's data kind by name; None: from the data's form and columns
     max_length: int | None = None
+    image_size: int | None = None  # image runs: side of the square input in pixels (None: the model's own)
     batch_size: int | None = None
     n_train: int | None = None
     n_eval: int | None = None
@@ -102,14 +104,14 @@ class TrainPlan:
     method: str
     kind: TaskKind
     model_name: str
-    max_length: int
+    max_length: int | None  # None for kinds whose inputs are not token sequences (images)
     batch_size: int  # per process
     eval_batch_size: int
     lr: float
     epochs: float
     max_steps: int | None
     rank: int  # reported rank: LoRA/DoRA rank or bottleneck size
-    target_modules: list[str] | None  # None: the architecture's defaults (`targets.target_modules_for`)
+    target_modules: list[str] | None  # None: the kind's or the architecture's defaults (see `build_model`)
     lora_alpha: float  # LoRA / DoRA scaling numerator (scaling = alpha / rank)
     lora_dropout: float
     target_kept: float | None  # ts-* only; None also for the loss-driven rule

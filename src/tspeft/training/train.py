@@ -64,7 +64,7 @@ def train(args) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     precision(device, cfg.bf16)  # refuses --bf16 on a GPU without bfloat16 before anything is loaded
     set_seed(cfg.seed)
-    task_data = load_data(cfg)
+    task_data = load_data(cfg, kind=cfg.task_kind)
     if task_data.labels is not None and task_data.train:
         task_data.labels.require_classes((ex[task_data.kind.gold_role] for ex in task_data.train), task_data.name)
     plan = resolve_train(cfg, task_data)
@@ -93,7 +93,7 @@ def _run(cfg: TrainConfig, plan: TrainPlan, task_data: TaskData, training_args, 
     """Build, fit, measure; the main process (`folder` not None) writes the run into `folder`."""
     is_main = folder is not None
     set_seed(cfg.seed)
-    base, tokenizer = load_base(plan.model_name, plan.kind, task_data.num_labels)
+    base, tokenizer = load_base(plan.model_name, plan.kind, task_data.num_labels, cfg.image_size)
     set_seed(cfg.seed)
     model = build_for_plan(plan, base)
     parameters = _parameter_counts(model)
@@ -104,9 +104,10 @@ def _run(cfg: TrainConfig, plan: TrainPlan, task_data: TaskData, training_args, 
         if task_data.labels is not None:
             write_json(folder / LABELS, task_data.labels.to_json())
     ts_model = unwrap_ts_model(fitted.model)
-    metrics = json_safe(run_metrics(cfg, plan, task_data, fitted, evaluation, ts_model, parameters,
-                                    training_args.world_size, staging.as_published(resume, Path(cfg.out)),
-                                    device.type))
+    metrics = json_safe({**run_metrics(cfg, plan, task_data, fitted, evaluation, ts_model, parameters,
+                                       training_args.world_size, staging.as_published(resume, Path(cfg.out)),
+                                       device.type),
+                         **plan.kind.run_settings(tokenizer)})
     if is_main:
         if "predictions" in evaluation:
             write_json(folder / PREDICTIONS, evaluation["predictions"])
