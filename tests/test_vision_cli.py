@@ -61,13 +61,14 @@ def test_image_folder_train_eval_report(tmp_path, resnet_dir, folders, capsys):
     assert "Which positions each layer updated" in html and "Which tokens each layer updated" not in html
 
 
-def test_eval_reproduces_the_training_accuracy(tmp_path, resnet_dir, folders):
+@pytest.mark.parametrize("method", ["ts-dora", "ts-adapter", "adapter"])
+def test_eval_reproduces_the_training_accuracy(tmp_path, resnet_dir, folders, method):
     from tspeft.training.train import EvalConfig, evaluate
 
     train_dir, eval_dir = folders
     out = tmp_path / "run"
-    main(["train", "--data", str(train_dir), "--eval-data", str(eval_dir), "--model", str(resnet_dir),
-          "--method", "ts-dora", "--max-steps", "2", "--warmup-steps", "0", "--out", str(out), *FAST])
+    assert main(["train", "--data", str(train_dir), "--eval-data", str(eval_dir), "--model", str(resnet_dir),
+                 "--method", method, "--max-steps", "2", "--warmup-steps", "0", "--out", str(out), *FAST]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     again = evaluate(EvalConfig(adapter=str(out)))
     assert again["accuracy"] == metrics["accuracy"] and again["kept_fraction"] == metrics["kept_fraction"]

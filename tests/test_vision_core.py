@@ -161,3 +161,28 @@ def test_conv_adapter_save_load_is_bit_exact(dora, tmp_path):
     x = pixels(batch=3)
     with torch.no_grad():
         assert torch.equal(loaded(pixel_values=x), ts_model(pixel_values=x))
+
+
+def test_bottleneck_adapter_on_pointwise_convolutions():
+    """The bottleneck runs at every position; τ = 0 is the ungated adapter, τ = ∞ the base, positions counted."""
+    from tspeft import BottleneckConfig
+    from tspeft.core.adapter import inject_bottleneck_adapters
+
+    config = BottleneckConfig(target_modules=["expand", "project"], bottleneck_size=4)
+    reference = tiny_conv_net()
+    inject_bottleneck_adapters(reference, config)
+    torch.manual_seed(5)
+    for name, parameter in reference.named_parameters():
+        if "adapter_up" in name:
+            nn.init.normal_(parameter)  # a non-zero update
+    ts_model = get_ts_peft_model(tiny_conv_net(), config, TokenSelectiveConfig()).eval()
+    ts_model.get_base_model().load_state_dict(reference.state_dict(), strict=False)
+    assert isinstance(reference.expand.adapter_down, nn.Conv2d)
+    x = pixels(batch=2, size=5)
+    with torch.no_grad():
+        adapted = reference(pixel_values=x)
+        assert torch.equal(ts_model(pixel_values=x), adapted)
+        assert ts_model.gates["expand"].kept_counts[1].item() == 2 * 5 * 5
+        ts_model.set_thresholds(math.inf)
+        assert torch.equal(ts_model(pixel_values=x), tiny_conv_net()(pixel_values=x))
+        assert not torch.equal(adapted, tiny_conv_net()(pixel_values=x))

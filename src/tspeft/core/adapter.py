@@ -1,8 +1,11 @@
-"""A bottleneck adapter (Houlsby-style) for linear layers, since peft has none.
+"""A bottleneck adapter (Houlsby-style) for linear layers and 1×1 convolutions, since peft has none.
 
     h = W0 x + b                       (frozen base layer)
     M = up(act(down(h)))               (adapter update; `up` starts at zero, so M = 0 at step 0)
     output = h + M                     (residual)
+
+On a 1×1 convolution (a per-position linear layer) down and up are 1×1 convolutions too: the same
+bottleneck applied at every spatial position, over the channels.
 
 Target modules are matched by peft's own matcher, so `target_modules` means what it means in peft.
 """
@@ -50,16 +53,24 @@ class BottleneckConfig:
         return cls(**{k: v for k, v in values.items() if k != "peft_type"})
 
 
+def is_pointwise_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+
+
 class BottleneckLayer(nn.Module):
-    """Wraps a frozen linear layer (nn.Linear or GPT-2's Conv1D); only `adapter_down` / `adapter_up` train."""
+    """Wraps a frozen linear layer (nn.Linear or GPT-2's Conv1D) or 1×1 convolution; only `adapter_down` /
+    `adapter_up` train."""
 
     def __init__(self, base_layer: nn.Module, config: BottleneckConfig):
         super().__init__()
         self.base_layer = base_layer
-        width = out_features(base_layer)
-        self.adapter_down = nn.Linear(width, config.bottleneck_size)
+        conv = is_pointwise_conv(base_layer)
+        width = base_layer.out_channels if conv else out_features(base_layer)
+        make = (lambda i, o: nn.Conv2d(i, o, 1)) if conv else nn.Linear  # noqa: E731
+        self.feature_dim = 1 if conv else -1  # where the features are in the output (channels for a convolution)
+        self.adapter_down = make(width, config.bottleneck_size)
         self.adapter_act = ACTIVATIONS[config.non_linearity]()
-        self.adapter_up = nn.Linear(config.bottleneck_size, width)
+        self.adapter_up = make(config.bottleneck_size, width)
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
         self.to(base_layer.weight.device)
@@ -75,10 +86,11 @@ def inject_bottleneck_adapters(model: nn.Module, config: BottleneckConfig) -> li
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     names = [name for name, module in model.named_modules()
-             if isinstance(module, ADAPTABLE) and bool(check_target_module_exists(config, name))]
+             if (isinstance(module, ADAPTABLE) or is_pointwise_conv(module))
+             and bool(check_target_module_exists(config, name))]
     if not names:
-        raise ValueError(f"BottleneckConfig.target_modules={config.target_modules!r} matched no nn.Linear/Conv1D in "
-                         f"{type(model).__name__}")
+        raise ValueError(f"BottleneckConfig.target_modules={config.target_modules!r} matched no nn.Linear/Conv1D "
+                         f"or 1×1 nn.Conv2d in {type(model).__name__}")
     for name, module in model.named_modules():
         if any(name == m or name.endswith(f".{m}") for m in config.modules_to_save or []):
             module.requires_grad_(True)  # e.g. a classification head trained in full, as peft's modules_to_save

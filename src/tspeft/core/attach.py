@@ -261,7 +261,7 @@ def is_gateable(module: nn.Module) -> bool:
 def attach_gate(module: nn.Module, gate: TokenGate, token_mask: TokenMask) -> _Hooks:
     """Put `gate` on the adapted `module` with the cheapest hooks that are exact for it (see the diagram)."""
     if isinstance(module, BottleneckLayer):
-        return OutputDifferenceHooks(module, gate, token_mask)
+        return OutputDifferenceHooks(module, gate, token_mask, feature_dim=module.feature_dim)
     if len(module.active_adapters) != 1:
         raise ValueError(f"tspeft gates exactly one active adapter per module, found {module.active_adapters}")
     adapter = module.active_adapters[0]
