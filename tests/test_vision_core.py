@@ -186,3 +186,21 @@ def test_bottleneck_adapter_on_pointwise_convolutions():
         ts_model.set_thresholds(math.inf)
         assert torch.equal(ts_model(pixel_values=x), tiny_conv_net()(pixel_values=x))
         assert not torch.equal(adapted, tiny_conv_net()(pixel_values=x))
+
+
+@pytest.mark.slow
+def test_packaged_efficientnet_lite0_loads_and_keeps_its_function():
+    """The packaged model: 32 pointwise convolutions; swapping the package's 1×1 convolutions for plain ones
+    (so peft builds standard Conv2d LoRA layers) leaves the features unchanged."""
+    from tspeft.tasks.image_models import _efficientnet_package, load_efficientnet_lite0
+
+    model, preprocessing = load_efficientnet_lite0(num_labels=4, image_size=64)
+    assert preprocessing.size == 64 and len(image_target_modules(model)) == 32
+    original = _efficientnet_package().EfficientNet.from_name("efficientnet-lite0", image_size=64,
+                                                              drop_connect_rate=0.0)
+    original.load_state_dict(model.backbone.state_dict(), strict=False)  # same weights, package convolutions
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    model.eval(), original.eval()
+    with torch.no_grad():
+        assert torch.equal(model.backbone.extract_features(x), original.extract_features(x))
+        assert model(pixel_values=x).logits.shape == (2, 4)
