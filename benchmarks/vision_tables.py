@@ -70,7 +70,8 @@ def pairs_table(grid: dict[str, list[dict]], in_regime: bool) -> list[str]:
             continue
         mean, half = paired_interval([g["accuracy"] - d["accuracy"] for d, g in paired])
         discarded = 1 - statistics.fmean(g["kept_fraction"] for _, g in paired)
-        interval = f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]" if half is not None else f"{mean:+.3f} (one seed)"
+        interval = (f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]" if half is not None
+                    else f"{mean:+.3f} (one seed)")
         holds = ("–" if not in_regime or half is None else "yes" if mean + half >= 0 else "no")
         lines.append(f"| {dense} → {gated} | {len(paired)} | {discarded:.3f} | {interval} | {holds} |")
     return lines + [""]
@@ -80,7 +81,8 @@ def sweep_table(records: list[dict]) -> list[str]:
     points = defaultdict(list)
     for r in records:
         if r["method"] in ("lora", "ts-lora") and r["seed"] == 0:
-            points["dense" if r["method"] == "lora" else f"{r.get('target_kept_used') or r.get('target_kept'):g}"].append(r)
+            target = r.get("target_kept_used") or r.get("target_kept")
+            points["dense" if r["method"] == "lora" else f"{target:g}"].append(r)
     if len(points) < 2:
         return ["Kept sweep: not run yet (`python benchmarks/vision.py --sweep`).", ""]
     lines = ["Kept sweep (TS-LoRA, seed 0; 0.7 is the default target, from the grid):", "",

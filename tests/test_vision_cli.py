@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import ResNetConfig, ResNetForImageClassification
 
+from test_vision_data import make_image_folder, write_idx
 from tspeft.cli.main import main
 from tspeft.tasks import image_data
-from test_vision_data import make_image_folder, write_idx
 
 FAST = ["--image-size", "16", "--batch-size", "4", "--device", "cpu", "--no-report"]
 
@@ -63,7 +63,8 @@ def test_image_folder_train_eval_report(tmp_path, resnet_dir, folders, capsys):
 
 @pytest.mark.parametrize("method", ["ts-dora", "ts-adapter", "adapter"])
 def test_eval_reproduces_the_training_accuracy(tmp_path, resnet_dir, folders, method):
-    from tspeft.training.train import EvalConfig, evaluate
+    from tspeft.training.evaluate import evaluate
+    from tspeft.training.run_config import EvalConfig
 
     train_dir, eval_dir = folders
     out = tmp_path / "run"

@@ -65,13 +65,15 @@ def fashion_mnist() -> tuple[list[Example], list[Example]]:
     folder = fashion_mnist_folder()
     if not folder.is_dir():
         raise ValueError(f"Fashion-MNIST not found at {folder}: install Debian's dataset-fashion-mnist package "
-                         "(scripts/setup.sh does: apt-get install -y dataset-fashion-mnist) or set $TSPEFT_FASHION_MNIST")
+                         "(scripts/setup.sh does: apt-get install -y dataset-fashion-mnist) or set "
+                         "$TSPEFT_FASHION_MNIST")
     pools = []
     for split in ("train", "test"):
         images_file, labels_file = (folder / name for name in FASHION_MNIST_FILES[split])
         images, labels = read_idx(images_file), read_idx(labels_file)
         if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
-            raise ValueError(f"{folder}: {split} images {tuple(images.shape)} and labels {tuple(labels.shape)} do not pair up")
+            raise ValueError(f"{folder}: {split} images {tuple(images.shape)} and labels {tuple(labels.shape)} "
+                             "do not pair up")
         pools.append([{"image": image, "label": int(label)} for image, label in zip(images, labels)])
     return pools[0], pools[1]
 

@@ -24,8 +24,8 @@ and implements `example_from_row` (one user row -> one example), `features`, `co
 `example_ids`. Optional hooks (the defaults fit text kinds): `claims_path` (a ``--data`` path that is this
 kind's without reading columns, e.g. an image folder), `target_modules` (the layers to adapt; None: training's
 Linear default), `extra_records` (more JSON files for a gated run's folder), `run_settings` (input settings
-written to metrics.json), and `load_model`'s ``input_size``. Adding a kind: one module defining a `TaskKind` subclass and one line in
-`tspeft.tasks.kinds.TASK_KINDS`.
+written to metrics.json), and `load_model`'s ``input_size``. Adding a kind: one module defining a `TaskKind`
+subclass and one line in `tspeft.tasks.kinds.TASK_KINDS`.
 """
 
 from __future__ import annotations
