@@ -82,7 +82,8 @@ def sweep_table(records: list[dict]) -> list[str]:
     for r in records:
         if r["method"] in ("lora", "ts-lora") and r["seed"] == 0:
             target = r.get("target_kept_used") or r.get("target_kept")
-            points["dense" if r["method"] == "lora" else f"{target:g}"].append(r)
+            if r["method"] == "lora" or target is not None:
+                points["dense" if r["method"] == "lora" else f"{target:g}"].append(r)
     if len(points) < 2:
         return ["Kept sweep: not run yet (`python benchmarks/vision.py --sweep`).", ""]
     lines = ["Kept sweep (TS-LoRA, seed 0; 0.7 is the default target, from the grid):", "",

@@ -196,3 +196,28 @@ def test_majority_class_accuracy_of_eval_sets(monkeypatch):
     assert _load("quality").refresh_majority(records, "decoder") == 3
     assert [r.get("majority_accuracy") for r in records] == [0.75, 0.75, 0.75, None, 0.5]
     assert loaded == [("piqa", 4)]  # one eval set per task and size, whatever the seed
+
+
+def _vision_record(method, seed, accuracy, kept=None, target=None):
+    return {"task": "fashion_mnist", "model": "efficientnet-lite0", "method": method, "seed": seed,
+            "accuracy": accuracy, "kept_fraction": kept, "train_seconds": 60.0, "trainable_params": 1000,
+            "target_kept": target, "target_kept_used": target or (0.7 if method == "ts-lora" else None), "n_eval": 1000, "majority_accuracy": 0.1,
+            "sizes": "--n-train 3000", "machine": "test", "commit": "abc"}
+
+
+def test_vision_section_regime_rule_and_paired_intervals():
+    sys.path.insert(0, str(BENCHMARKS))
+    vision = _load("vision_tables")
+    records = [_vision_record("none", s, 0.70) for s in range(3)]
+    records += [_vision_record("lora", s, 0.80 + 0.01 * s, 1.0) for s in range(3)]
+    records += [_vision_record("ts-lora", s, 0.80 + 0.01 * s - d, 0.7) for s, d in enumerate([0.0, 0.01, 0.02])]
+    text = "\n".join(vision.vision_section(records))
+    assert "margin +11.0 points: in regime" in text
+    # paired differences 0, -0.01, -0.02: mean -0.01, sd 0.01, t(2) = 4.303 -> half-width 0.0248
+    assert "| lora → ts-lora | 3 | 0.300 | -0.010 [-0.035, +0.015] | yes |" in text
+    records = [r if r["method"] != "lora" else {**r, "accuracy": r["accuracy"] - 0.08} for r in records]
+    text = "\n".join(vision.vision_section(records))
+    assert "NOT in regime" in text and "| lora → ts-lora | 3 | 0.300 |" in text and text.count("| – |") >= 1
+    records.append(_vision_record("ts-lora", 0, 0.75, 0.31, target=0.3))
+    text = "\n".join(vision.vision_section(records))
+    assert "| 0.3 | 0.310 | 0.750 |" in text and "| 0.7 | 0.700 | 0.800 |" in text
