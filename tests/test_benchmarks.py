@@ -201,7 +201,8 @@ def test_majority_class_accuracy_of_eval_sets(monkeypatch):
 def _vision_record(method, seed, accuracy, kept=None, target=None):
     return {"task": "fashion_mnist", "model": "efficientnet-lite0", "method": method, "seed": seed,
             "accuracy": accuracy, "kept_fraction": kept, "train_seconds": 60.0, "trainable_params": 1000,
-            "target_kept": target, "target_kept_used": target or (0.7 if method == "ts-lora" else None), "n_eval": 1000, "majority_accuracy": 0.1,
+            "target_kept": target, "target_kept_used": target or (0.7 if method == "ts-lora" else None),
+            "n_eval": 1000, "majority_accuracy": 0.1,
             "sizes": "--n-train 3000", "machine": "test", "commit": "abc"}
 
 
