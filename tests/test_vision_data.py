@@ -91,7 +91,7 @@ def test_fewer_than_two_classes(tmp_path):
         read_image_folder(tmp_path / "none")
 
 
-@pytest.mark.parametrize("bad", ["loose_image", "text_file", "missing"])
+@pytest.mark.parametrize("bad", ["loose_image", "text_file", "missing", "a_file"])
 def test_other_layout_errors_are_one_line(tmp_path, bad):
     root = make_image_folder(tmp_path / "d")
     if bad == "loose_image":
@@ -100,9 +100,12 @@ def test_other_layout_errors_are_one_line(tmp_path, bad):
     elif bad == "text_file":
         (root / "dog" / "notes.txt").write_text("hello")
         match = r"notes\.txt: not an image file"
-    else:
+    elif bad == "missing":
         root = tmp_path / "nowhere"
         match = r"nowhere: no such folder"
+    else:
+        root = root / "dog" / "0.png"
+        match = r"0\.png: is a file; image data is a folder"
     with pytest.raises(ValueError, match=match) as info:
         read_image_folder(root)
     assert "\n" not in str(info.value)

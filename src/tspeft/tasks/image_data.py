@@ -86,6 +86,8 @@ def is_image_folder(path: str | os.PathLike | None) -> bool:
 
 def _class_folders(root: Path, flag: str) -> dict[str, list[Path]]:
     """{class name: its image files, sorted}; every check of the layout except decoding."""
+    if root.is_file():
+        raise ValueError(f"{flag} {root}: is a file; image data is a folder with one sub-folder per class")
     if not root.is_dir():
         raise ValueError(f"{flag} {root}: no such folder")
     classes: dict[str, list[Path]] = {}
