@@ -33,9 +33,17 @@ def paired_interval(differences: list[float]) -> tuple[float, float | None]:
     return mean, T_975.get(n - 1, 1.96) * statistics.stdev(differences) / math.sqrt(n)
 
 
+def common_sizes(flags: str) -> str:
+    """A record's size flags without the per-method ones (epochs, lr, target), shown in the table instead."""
+    words = flags.split()
+    pairs = zip(words[::2], words[1::2])
+    return " ".join(f"{flag} {value}" for flag, value in pairs if flag not in ("--epochs", "--lr", "--target-kept"))
+
+
 def grid_table(grid: dict[str, list[dict]]) -> list[str]:
-    lines = ["| method | seeds | accuracy (mean ± std) | kept fraction | train s (mean) | trainable params |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | epochs | lr | seeds | accuracy (mean ± std) | kept fraction | train s (mean) "
+             "| trainable params |",
+             "|---|---|---|---|---|---|---|---|"]
     for method in ("none", "lora", "ts-lora", "dora", "ts-dora"):
         runs = grid.get(method, [])
         if not runs:
@@ -43,7 +51,8 @@ def grid_table(grid: dict[str, list[dict]]) -> list[str]:
         kept = [r["kept_fraction"] for r in runs if r.get("kept_fraction") is not None]
         name = "none (linear probe, frozen baseline)" if method == "none" else method
         seconds = statistics.fmean(r["train_seconds"] for r in runs)
-        lines.append(f"| {name} | {len(runs)} | {mean_std([r['accuracy'] for r in runs])} | "
+        lines.append(f"| {name} | {runs[0].get('epochs')} | {runs[0].get('lr')} | {len(runs)} | "
+                     f"{mean_std([r['accuracy'] for r in runs])} | "
                      f"{mean_std(kept) if kept else '–'} | {seconds:.0f} | {runs[0]['trainable_params']:,} |")
     return lines + [""]
 
@@ -74,6 +83,8 @@ def pairs_table(grid: dict[str, list[dict]], in_regime: bool) -> list[str]:
                     else f"{mean:+.3f} (one seed)")
         holds = ("–" if not in_regime or half is None else "yes" if mean + half >= 0 else "no")
         lines.append(f"| {dense} → {gated} | {len(paired)} | {discarded:.3f} | {interval} | {holds} |")
+    if len(lines) == 2:
+        return ["Dense vs token-selective pairs: none complete yet.", ""]
     return lines + [""]
 
 
@@ -104,9 +115,11 @@ def vision_section(records: list[dict]) -> list[str]:
         if r.get("target_kept") is None:
             grid[r["method"]].append(r)
     first = records[0]
+    sizes = common_sizes(first["sizes"])
     lines = [f"EfficientNet-lite0 (ImageNet weights) on Fashion-MNIST, LoRA / DoRA rank 8 on its 32 pointwise "
-             f"(1×1) convolutions, every spatial position a token; sizes `{first['sizes']}` (lr per method), "
-             f"eval on the first {first['n_eval']} test images; machine {first['machine']}; commit "
+             f"(1×1) convolutions, every spatial position a token; sizes `{sizes}` (epochs and lr per method "
+             f"below), eval on {first['n_eval']} test images (a fixed subset, the same for every run); machine "
+             f"{first['machine']}; commit "
              f"{', '.join(sorted({str(r['commit']) for r in records}))}. Majority class: "
              f"{first['majority_accuracy']:.3f}.", ""]
     total = sum(r["train_seconds"] for r in records)
