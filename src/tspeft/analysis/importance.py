@@ -96,7 +96,8 @@ def importance_for_run(run_dir: Path, n_batches: int = 20, seed: int = 0, out: P
                       **{f"{k}_column": v for k, v in (saved.get("columns") or {}).items()})
     task_data = load_data(cfg, labels=read_labels(run_dir, run), kind=run.get("task_kind"))
     with quiet_load_report():  # the head comes from the adapter
-        base, tokenizer = load_base(run["model"], task_data.kind, run.get("num_labels") or task_data.num_labels)
+        base, tokenizer = load_base(run["model"], task_data.kind, run.get("num_labels") or task_data.num_labels,
+                                    run.get("image_size"))
     model = load_adapter(base, run_dir, run["method"])
     if model.gates and all(tau == 0 for tau in model.thresholds().values()):
         raise ValueError(f"{run_dir}: every module's τ is 0: the gate of this run never bit (its warm-up covered "

@@ -60,9 +60,10 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 def column_names(cfg) -> dict[str, str | None]:
-    """Role -> column as the run's configuration names it (``<role>_column``; None where not given)."""
+    """Role -> column as the run's configuration names it (``<role>_column``; None where not given). Roles without
+    a column field (an image folder's images) are not listed."""
     roles = dict.fromkeys(role for kind in TASK_KINDS.values() for role in kind.roles)
-    return {role: getattr(cfg, f"{role}_column", None) for role in roles}
+    return {role: getattr(cfg, f"{role}_column", None) for role in roles if hasattr(cfg, f"{role}_column")}
 
 
 def data_kind(cfg, path: str | None = None) -> TaskKind:
