@@ -103,3 +103,13 @@ def position_overlay_figures(run_dir: Path, fig_dir: Path, label_names: Sequence
                              "positions whose adapter update was applied (r ≥ τ), upsampled to the image: orange = "
                              "kept, grey = dropped. Panel titles give the feature-map size and the kept share."))
     return figures
+
+
+def position_section(run_dir: Path, fig_dir: Path, label_names: Sequence[str] | None, notes: list[str],
+                     figure) -> list[str]:
+    """The report's HTML section of an image run (none for other runs); `figure(png, caption)` makes the tag."""
+    figures = position_overlay_figures(run_dir, fig_dir, label_names, notes)
+    if figures is None:
+        return []
+    return ["<h2>Which positions each layer updated</h2>" + ("".join(figure(*f) for f in figures) or
+            f'<p class="note">{POSITION_MASKS} holds no usable examples.</p>')]

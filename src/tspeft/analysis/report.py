@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.io import atomic_write
-from ..training.run_folder import (METRICS, POSITION_MASKS, REPORT, REPORT_FIGURES, TOKEN_MASKS, TOKEN_STATS,
-                                   TRAIN_LOG)
+from ..training.run_folder import METRICS, POSITION_MASKS, REPORT, REPORT_FIGURES, TOKEN_MASKS, TOKEN_STATS, TRAIN_LOG
 from ..training.staging import require_complete
 from . import plots
-from .overlays import position_overlay_figures
+from .overlays import position_section
 from .tokens import group_by_layer, layer_index, layer_token_matrix, module_type, to_float
 
 MAX_TOKEN_EXAMPLES = 4
@@ -360,12 +359,8 @@ def _summary(page: _Page) -> str:
 
 def _position_section(page: _Page) -> list[str]:
     """4a. image runs: the kept positions of each gated layer drawn over a few eval images."""
-    figures = position_overlay_figures(page.data.run_dir, page.fig_dir, (page.data.metrics or {}).get("label_names"),
-                                       page.notes)
-    if figures is None:
-        return []
-    return ["<h2>Which positions each layer updated</h2>" + ("".join(page.figure(*f) for f in figures) or
-            '<p class="note">position_masks.json holds no usable examples.</p>')]
+    labels = (page.data.metrics or {}).get("label_names")
+    return position_section(page.data.run_dir, page.fig_dir, labels, page.notes, page.figure)
 
 
 SECTIONS = (_kept_and_tau_sections, _module_heatmap_section, _position_section, _token_mask_section,

@@ -17,6 +17,7 @@ from . import image_classification as IC
 from . import image_data
 from .image_models import EFFICIENTNET_LITE0, image_target_modules, load_image_model
 from .kind import Example, TaskKind
+from .labels import LabelSet
 
 MASK_EXAMPLES = 4  # eval images whose kept positions are recorded for the report
 POSITION_MASKS = "position_masks.json"
@@ -40,22 +41,18 @@ class ImageKind(TaskKind):
         return image_data.is_image_folder(path)
 
     def read_file(self, path: str | Path, columns: dict[str, str] | None = None,
-                  label_names: list[str] | None = None) -> tuple[list[Example], list[str] | None]:
-        flag = "--data" if label_names is None else "--eval-data"
-        examples, names = image_data.read_image_folder(path, label_names, flag=flag)
+                  labels: LabelSet | None = None) -> tuple[list[Example], LabelSet]:
+        """A folder's images; the class folder names, sorted, are the labels. With ``labels`` (the train
+        folder's, or a saved model's) the folder must hold exactly those classes (`read_files` reads the eval
+        folder so)."""
+        flag = "--data" if labels is None else "--eval-data"
+        examples, names = image_data.read_image_folder(path, list(labels.names) if labels else None, flag=flag)
         image_data.verify_images(examples)
-        return examples, names
+        return examples, labels or LabelSet.of(names)
 
-    def read_files(self, train_path: str | Path, eval_path: str | Path | None, columns: dict[str, str] | None = None
-                   ) -> tuple[list[Example], list[Example] | None, list[str] | None]:
-        """The eval folder must have exactly the train folder's classes, so both share one label mapping."""
-        train, names = self.read_file(train_path, columns)
-        evaluation = self.read_file(eval_path, columns, names)[0] if eval_path else None
-        return train, evaluation, names
-
-    def num_labels(self, label_names: list[str] | None, examples: list[Example]) -> int | None:
-        if label_names:
-            return len(label_names)
+    def num_labels(self, labels: LabelSet | None, examples: list[Example]) -> int | None:
+        if labels is not None:
+            return len(labels)
         return max(example["label"] for example in examples) + 1 if examples else 2
 
     def load_model(self, name_or_path: str, num_labels: int | None, input_size: int | None = None):
