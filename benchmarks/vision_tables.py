@@ -40,6 +40,12 @@ def common_sizes(flags: str) -> str:
     return " ".join(f"{flag} {value}" for flag, value in pairs if flag not in ("--epochs", "--lr", "--target-kept"))
 
 
+def flag_value(flags: str, flag: str) -> str | None:
+    """The value of `flag` in a record's size flags (records written before a field was recorded)."""
+    words = flags.split()
+    return words[words.index(flag) + 1] if flag in words[:-1] else None
+
+
 def grid_table(grid: dict[str, list[dict]]) -> list[str]:
     lines = ["| method | epochs | lr | seeds | accuracy (mean ± std) | kept fraction | train s (mean) "
              "| trainable params |",
@@ -51,7 +57,8 @@ def grid_table(grid: dict[str, list[dict]]) -> list[str]:
         kept = [r["kept_fraction"] for r in runs if r.get("kept_fraction") is not None]
         name = "none (linear probe, frozen baseline)" if method == "none" else method
         seconds = statistics.fmean(r["train_seconds"] for r in runs)
-        lines.append(f"| {name} | {runs[0].get('epochs')} | {runs[0].get('lr')} | {len(runs)} | "
+        epochs = runs[0].get("epochs") or flag_value(runs[0]["sizes"], "--epochs")
+        lines.append(f"| {name} | {epochs} | {runs[0].get('lr')} | {len(runs)} | "
                      f"{mean_std([r['accuracy'] for r in runs])} | "
                      f"{mean_std(kept) if kept else '–'} | {seconds:.0f} | {runs[0]['trainable_params']:,} |")
     return lines + [""]
