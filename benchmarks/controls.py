@@ -210,9 +210,8 @@ def sizes_of(args) -> str:
             + (f" rule={json.dumps(args.rule)}" if args.rule else ""))
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="sst5")
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sizes and τ-rule settings of one training run (shared with tau_trace.py)."""
     parser.add_argument("--n-train", type=int, default=3000)
     parser.add_argument("--n-eval", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=2)
@@ -220,13 +219,19 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--rule", type=json.loads, default=None, help="TokenSelectiveConfig overrides (JSON)")
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false")
+    parser.add_argument("--calibration-examples", type=int, default=640)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="sst5")
+    add_run_arguments(parser)
     parser.add_argument("--kept", type=float, default=0.5)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--arms", default="probe,dense,learned,uniform,random")
     parser.add_argument("--regime", action="store_true", help="only the probe and dense LoRA")
-    parser.add_argument("--rule", type=json.loads, default=None, help="TokenSelectiveConfig overrides (JSON)")
-    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false")
-    parser.add_argument("--calibration-examples", type=int, default=640)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     arms = ["probe", "dense"] if args.regime else args.arms.split(",")

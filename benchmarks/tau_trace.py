@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 sys.path.insert(0, str(ROOT))
 
-from controls import task_examples, train_arm  # noqa: E402
+from controls import add_run_arguments, task_examples, train_arm  # noqa: E402
 from provenance import code_commit  # noqa: E402
 from tau_tables import trace_summary  # noqa: E402
 from tspeft.core.io import atomic_write  # noqa: E402
@@ -57,18 +57,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="rotten_tomatoes")
     parser.add_argument("--arm", default="learned", choices=["learned", "uniform", "random"])
-    parser.add_argument("--n-train", type=int, default=3000)
-    parser.add_argument("--n-eval", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target-kept", type=float, default=0.5)
-    parser.add_argument("--warmup-steps", type=int, default=20)
-    parser.add_argument("--rule", type=json.loads, default=None, help="TokenSelectiveConfig overrides, JSON")
-    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false")
-    parser.add_argument("--calibration-examples", type=int, default=640)
+    add_run_arguments(parser)
     parser.add_argument("--out", required=True)
     parser.add_argument("--summary", action="store_true", help="only print the summary of an existing --out")
     args = parser.parse_args(argv)

@@ -52,14 +52,22 @@ def _int_at_least(minimum: int):
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def _float_where(ok, why: str):
+    """A finite float for which `ok(value)` holds; otherwise an error saying it `why`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"{why}, got {text}")
+        return value
+    return parse
+
+
+_positive_float = _float_where(lambda v: v > 0, "must be a finite number > 0")
+_fraction = _float_where(lambda v: 0 <= v < 1, "must lie in [0, 1)")  # dropout, warm-up ratio
+_non_negative_float = _float_where(lambda v: v >= 0, "must be a finite number >= 0")
 
 
 def _target_kept(text: str) -> float | None:
@@ -72,27 +80,6 @@ def _target_kept(text: str) -> float | None:
     if not (math.isfinite(value) and 0 < value <= 1):
         raise argparse.ArgumentTypeError(f"the kept fraction must lie in (0, 1] (or be 'none' for the loss-driven "
                                          f"rule), got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    """A number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and 0 <= value < 1):
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
