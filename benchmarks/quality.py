@@ -5,7 +5,7 @@ benchmarks/results/quality.json (or sweep.json for --sweep). Records already pre
 interrupted suite resumes where it stopped. Tables and plots: `python benchmarks/make_tables.py`.
 
     python benchmarks/quality.py --suite encoder            # MiniLM-L6: rotten_tomatoes, sst2, boolq
-    python benchmarks/quality.py --suite decoder            # SmolLM2-135M: piqa, obqa, boolq_mc, asdiv (generation)
+    python benchmarks/quality.py --suite decoder            # SmolLM2: piqa, obqa, boolq_mc, asdiv, trec_gen
     python benchmarks/quality.py --suite encoder --sweep    # kept 0.9/0.7/0.5/0.3 on rotten_tomatoes
     python benchmarks/quality.py --suite decoder --lr-tune 1e-4,5e-4,2e-3   # dense LoRA, seed 0, sweep task
 """
@@ -39,7 +39,7 @@ SUITES = {
                 "sweep_task": "rotten_tomatoes",
                 "lr_choice": "lr 2e-3 for every method, the best of the tuning below (the default 5e-4 is too slow "
                              "for 63 steps)"},
-    "decoder": {"model": "smollm2", "tasks": ["piqa", "obqa", "boolq_mc", "asdiv"],
+    "decoder": {"model": "smollm2", "tasks": ["piqa", "obqa", "boolq_mc", "asdiv", "trec_gen"],
                 "methods": ["none", "lora", "ts-lora", "dora", "ts-dora", "adapter", "ts-adapter"],
                 "flags": ["--n-train", "200", "--n-eval", "200", "--max-steps", "50"], "sweep_task": "piqa",
                 "lr_choice": "the default lr 5e-4 for every method, kept after the tuning below",
@@ -50,12 +50,17 @@ SUITES = {
                                # minutes per step, so 30 steps in bf16; lr 1e-3 and a 10-step warm-up (untuned) so
                                # 30 steps can learn the answer format and the gate bites for two thirds of the run
                                "asdiv": ["--n-train", "240", "--n-eval", "100", "--max-steps", "30", "--bf16",
-                                         "--lr", "1e-3", "--max-new-tokens", "8"]},
+                                         "--lr", "1e-3", "--max-new-tokens", "8"],
+                               # generation with a closed answer set: 480 questions x 1 epoch (60 steps of 8);
+                               # lr 1e-3 as asdiv (untuned); 3 new tokens hold any of the six answer words
+                               "trec_gen": ["--n-train", "480", "--n-eval", "200", "--max-steps", "60",
+                                            "--lr", "1e-3", "--max-new-tokens", "3"]},
                 # generation: zero-shot, 3-shot (the frozen baselines) and the LoRA pair
-                "task_methods": {"asdiv": ["none", "none-3shot", "lora", "ts-lora"]},
+                "task_methods": {task: ["none", "none-3shot", "lora", "ts-lora"] for task in ("asdiv", "trec_gen")},
                 # (3 demonstrations make the eval prompts about 4x longer: room for them)
                 "task_train_flags": {"asdiv": {"ts-lora": ["--warmup-steps", "10"],
-                                               "none-3shot": ["--max-length", "768"]}}},
+                                               "none-3shot": ["--max-length", "768"]},
+                                     "trec_gen": {"none-3shot": ["--max-length", "768"]}}},
 }
 SWEEP_KEPT = ["0.9", "0.7", "0.5", "0.3"]
 FEW_SHOT = {"none-3shot": 3}  # frozen few-shot baselines: method none with --few-shot N

