@@ -77,8 +77,9 @@ def features_and_collator(task_data: TaskData, tokenizer, examples: list[dict], 
     return task_data.kind.features(tokenizer, examples, max_length), task_data.kind.collator(tokenizer)
 
 
-def train_arm(task_data: TaskData, arm: str, args, seed: int, on_step=None) -> dict:
-    """One run of `arm` (see ARMS); `on_step(model, step, loss)` is called after each τ-rule step."""
+def fit_arm(task_data: TaskData, arm: str, args, seed: int, on_step=None) -> dict:
+    """Train one run of `arm` (see ARMS), τ not yet calibrated: {"model", "tokenizer", "features", "collate",
+    "train_seconds", "train_steps"}; `on_step(model, step, loss)` is called after each τ-rule step."""
     method, overrides = ARMS[arm]
     set_seed(seed)
     base, tokenizer = load_base("minilm", task_data.kind, task_data.num_labels)
@@ -108,18 +109,43 @@ def train_arm(task_data: TaskData, arm: str, args, seed: int, on_step=None) -> d
                 model.update_thresholds()
                 if on_step is not None:
                     on_step(model, step, loss.item())
-    train_seconds = time.perf_counter() - start
-    if ts and args.calibrate:
-        model.eval()
-        with model.calibrating_thresholds(), torch.no_grad():
-            for i in range(0, min(len(features), args.calibration_examples), 64):
+    return {"model": model, "tokenizer": tokenizer, "features": features, "collate": collate,
+            "train_seconds": round(time.perf_counter() - start, 1), "train_steps": step}
+
+
+def calibrate(model, features: list[dict], collate, examples: int, max_rounds: int = 4) -> int:
+    """τ calibrated in eval mode on the first `examples` of `features` (`TSPeftModel.calibrate`); the rounds."""
+    model.eval()
+
+    def run_passes():
+        with torch.no_grad():
+            for i in range(0, min(len(features), examples), 64):
                 model(**collate(features[i:i + 64]))
-    result = evaluate_model(model, tokenizer, task_data, args.max_length, 64, torch.device("cpu"))
+
+    return model.calibrate(run_passes, max_rounds=max_rounds)
+
+
+def evaluate_arm(fitted: dict, task_data: TaskData, args) -> dict:
+    """Accuracy and eval kept fraction of a fitted arm (τ as it stands), with the fit's figures."""
+    model = fitted["model"]
+    ts = hasattr(model, "gates")
+    result = evaluate_model(model, fitted["tokenizer"], task_data, args.max_length, 64, torch.device("cpu"))
     record = {"accuracy": result["accuracy"], "kept_fraction": result.get("kept_fraction", 1.0 if not ts else None),
-              "per_module": result.get("per_module"), "train_seconds": round(train_seconds, 1), "train_steps": step}
+              "per_module": result.get("per_module"), "train_seconds": fitted["train_seconds"],
+              "train_steps": fitted["train_steps"]}
     if ts:
         record.update(allocation=model.allocated_kept(), rule=model.ts_config.to_dict())
     return record
+
+
+def train_arm(task_data: TaskData, arm: str, args, seed: int, on_step=None) -> dict:
+    """One run of `arm`: fit, calibrate τ (ts arms, unless --no-calibrate), evaluate."""
+    fitted = fit_arm(task_data, arm, args, seed, on_step)
+    rounds = None
+    if hasattr(fitted["model"], "gates") and args.calibrate:
+        rounds = calibrate(fitted["model"], fitted["features"], fitted["collate"], args.calibration_examples,
+                           args.calibration_rounds)
+    return {**evaluate_arm(fitted, task_data, args), **({"calibration_rounds": rounds} if rounds else {})}
 
 
 def mean_pooled_features(task_data: TaskData, max_length: int) -> tuple[torch.Tensor, ...]:
@@ -179,13 +205,13 @@ def probe(task_data: TaskData, args) -> dict:
             "train_seconds": round(time.perf_counter() - start, 1)}
 
 
-def append_record(record: dict) -> list[dict]:
-    """Add one record to RESULTS under a lock, re-reading the file first (several arms may run side by side)."""
-    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+def append_record(record: dict, results: Path = RESULTS) -> list[dict]:
+    """Add one record to `results` under a lock, re-reading the file first (several arms may run side by side)."""
+    with open(results.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        records = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+        records = json.loads(results.read_text()) if results.exists() else []
         records.append(record)
-        atomic_write(RESULTS, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
+        atomic_write(results, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
     return records
 
 
@@ -207,20 +233,28 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rule", type=json.loads, default=None, help="TokenSelectiveConfig overrides (JSON)")
     parser.add_argument("--no-calibrate", dest="calibrate", action="store_false")
     parser.add_argument("--calibration-examples", type=int, default=640)
+    parser.add_argument("--calibration-rounds", type=int, default=4,
+                        help="at most this many fixed-point rounds of τ calibration (1: one pass, as before)")
+
+
+def kept_or_none(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="sst5")
     add_run_arguments(parser)
-    parser.add_argument("--kept", type=float, default=0.5)
+    parser.add_argument("--kept", type=kept_or_none, default=0.5,
+                        help="target kept fraction of the ts arms; none: the loss-driven rule (λ from --rule)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--arms", default="probe,dense,learned,uniform,random")
     parser.add_argument("--regime", action="store_true", help="only the probe and dense LoRA")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"result file (default {RESULTS})")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     arms = ["probe", "dense"] if args.regime else args.arms.split(",")
-    records = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    records = json.loads(args.results.read_text()) if args.results.exists() else []
     for seed in [int(s) for s in args.seeds.split(",")]:
         task_data = task_examples(args.task, args.n_train, args.n_eval, seed)
         for arm in arms:
@@ -236,7 +270,7 @@ def main(argv=None) -> None:
             record = {**key, **result, "n_train": len(task_data.train), "n_eval": len(task_data.eval),
                       "num_labels": task_data.num_labels, "commit": code_commit(),
                       "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}"}
-            records = append_record(record)
+            records = append_record(record, args.results)
             print(f"  accuracy {result['accuracy']:.4f} kept {result.get('kept_fraction')}", flush=True)
 
 

@@ -11,7 +11,7 @@ import contextlib
 import copy
 import math
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from peft import (
@@ -132,6 +132,26 @@ class TSPeftModel(nn.Module):
             for gate in gates:
                 gate.calibrating = False
         calibrate_thresholds(gates, all_reduce)
+
+    def calibrate(self, run_passes: Callable[[], None], max_rounds: int = 4, tolerance: float = 0.005,
+                  all_reduce=None) -> int:
+        """Calibrate τ by fixed-point rounds of `calibrating_thresholds`; returns the rounds run.
+
+        A module's r depends on the gates upstream (they change its input), so τ set from one pass, in which every
+        gate still had its old τ, is off for the deeper modules once the upstream τ move. Each round runs
+        `run_passes()` (the same forward passes every round) with the τ of the previous round and sets τ again;
+        it stops when every module kept within `tolerance` of its u during the round's passes (the τ in force
+        then already realised u), after `max_rounds` at most (docs/method.md, "Hitting the target")."""
+        for rounds in range(1, max_rounds + 1):
+            self.reset_stats()
+            with self.calibrating_thresholds(all_reduce):
+                run_passes()
+            self.reduce_stats()
+            kept, allocated = self.kept_fractions(), self.allocated_kept()
+            if all(v is None or abs(v - allocated[n]) <= tolerance for n, v in kept.items()):
+                break
+        self.reset_stats()
+        return rounds
 
     def kept_fractions(self) -> dict[str, float | None]:
         """Kept fraction of real tokens per module since the last `reset_stats()` (None: no token seen)."""

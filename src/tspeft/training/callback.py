@@ -96,10 +96,14 @@ class ThresholdCallback(TrainerCallback):
         device = next(ts_model.parameters()).device
         was_training = model.training
         model.eval()
-        with ts_model.calibrating_thresholds(), torch.no_grad(), \
-                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16)):
-            for batch in itertools.islice(train_dataloader, self.calibration_batches):
-                model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        batches = list(itertools.islice(train_dataloader, self.calibration_batches))
+
+        def run_passes():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16)):
+                for batch in batches:
+                    model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+
+        ts_model.calibrate(run_passes)
         model.train(was_training)
         ts_model.reset_stats()
 
