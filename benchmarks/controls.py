@@ -12,9 +12,10 @@ the same order for every arm, then evaluated on the fixed eval set (accuracy, ev
 differ only in `TokenSelectiveConfig.allocation` / `selection`; after training, τ is calibrated on eval-mode
 passes over training batches (`calibrating_thresholds`, docs/method.md) before the evaluation.
 
-The frozen baseline ("probe") is a multinomial logistic regression on MiniLM's frozen mean-pooled token
-embeddings (the pooling the model was trained with), fitted to convergence by L-BFGS with its L2 weight chosen
-on a held-out fifth of the training examples. A task is in regime when dense LoRA beats it by >= 5 points.
+The frozen baseline ("probe") is `tspeft train --method none`'s (`tspeft.training.probe`): a multinomial logistic
+regression on MiniLM's frozen mean-pooled token embeddings (the pooling the model was trained with), fitted to
+convergence by L-BFGS with its L2 weight chosen on a held-out fifth of the training examples. A task is in regime
+when dense LoRA beats it by >= 5 points.
 
 Records go to benchmarks/results/controls.json, one per (task, arm, seed, kept, sizes); tables come from
 `python benchmarks/make_tables.py` (section "τ rule vs controls").
@@ -48,6 +49,7 @@ from tspeft.tasks.labels import LabelSet  # noqa: E402
 from tspeft.training.build import build_model, load_base  # noqa: E402
 from tspeft.training.data import TaskData  # noqa: E402
 from tspeft.training.measure import evaluate_model  # noqa: E402
+from tspeft.training.probe import fit_frozen_probe  # noqa: E402
 
 RESULTS = ROOT / "results" / "controls.json"
 ARMS = {  # arm -> (method, TokenSelectiveConfig overrides)
@@ -148,60 +150,13 @@ def train_arm(task_data: TaskData, arm: str, args, seed: int, on_step=None) -> d
     return {**evaluate_arm(fitted, task_data, args), **({"calibration_rounds": rounds} if rounds else {})}
 
 
-def mean_pooled_features(task_data: TaskData, max_length: int) -> tuple[torch.Tensor, ...]:
-    """(train features, train labels, eval features, eval labels): frozen MiniLM, mean over real tokens."""
-    base, tokenizer = load_base("minilm", task_data.kind, task_data.num_labels)
-    encoder = base.base_model.eval()
-
-    @torch.no_grad()
-    def embed(examples):
-        features, collate = features_and_collator(task_data, tokenizer, examples, max_length)
-        rows = []
-        for i in range(0, len(features), 128):
-            batch = collate(features[i:i + 128])
-            hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             **({"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}))[0]
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            rows.append((hidden * mask).sum(1) / mask.sum(1))
-        return torch.cat(rows), torch.tensor([e["label"] for e in examples])
-
-    return (*embed(task_data.train), *embed(task_data.eval))
-
-
-def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float) -> torch.nn.Linear:
-    """Multinomial logistic regression, full-batch L-BFGS to convergence (standardised inputs)."""
-    torch.manual_seed(0)
-    head = torch.nn.Linear(x.shape[1], classes)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=500, tolerance_grad=1e-7,
-                                  line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(x), y) + l2 * head.weight.square().sum()
-        loss.backward()
-        return loss
-
-    for _ in range(4):
-        optimizer.step(closure)
-    return head
-
-
 def probe(task_data: TaskData, args) -> dict:
+    """The frozen baseline: `tspeft train --method none`'s probe (tspeft.training.probe), evaluated the same way."""
     start = time.perf_counter()
-    x, y, x_eval, y_eval = mean_pooled_features(task_data, args.max_length)
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    x, x_eval = (x - mean) / std, (x_eval - mean) / std
-    classes = task_data.num_labels
-    cut = len(x) * 4 // 5
-    scores = {}
-    for l2 in (1e-4, 1e-3, 1e-2, 1e-1):
-        head = fit_probe(x[:cut], y[:cut], classes, l2)
-        scores[l2] = (head(x[cut:]).argmax(-1) == y[cut:]).float().mean().item()
-    best = max(scores, key=lambda l2: (scores[l2], l2))
-    head = fit_probe(x, y, classes, best)
-    with torch.no_grad():
-        accuracy = (head(x_eval).argmax(-1) == y_eval).float().mean().item()
-    return {"accuracy": accuracy, "l2": best, "validation": {str(k): v for k, v in scores.items()},
+    base, tokenizer = load_base("minilm", task_data.kind, task_data.num_labels)
+    classifier, fit = fit_frozen_probe(base, tokenizer, task_data, args.max_length)
+    result = evaluate_model(classifier, tokenizer, task_data, args.max_length, 64, torch.device("cpu"))
+    return {"accuracy": result["accuracy"], "l2": fit.l2, "validation": fit.validation,
             "train_seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -25,8 +25,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from controls import add_run_arguments, calibrate, evaluate_arm, features_and_collator, fit_arm  # noqa: E402
-from controls import SST5_HELD_OUT, task_examples  # noqa: E402
+from controls import (  # noqa: E402
+    SST5_HELD_OUT,
+    add_run_arguments,
+    calibrate,
+    evaluate_arm,
+    features_and_collator,
+    fit_arm,
+    task_examples,
+)
 from provenance import code_commit  # noqa: E402
 from tspeft.core.io import atomic_write  # noqa: E402
 from tspeft.tasks.data import get_task, split_examples  # noqa: E402

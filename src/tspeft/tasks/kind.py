@@ -15,7 +15,7 @@ A kind declares:
     marker_role     the role whose column marks a user's file as this kind (None: the fallback kind)
     model_kind      what `load_model` builds ("classification": a sequence-classification head, "causal_lm")
     peft_task_type  peft's task_type for its LoraConfig ("SEQ_CLS", "CAUSAL_LM")
-    has_head        a randomly initialised head that is trained in full (method `none` = a linear probe);
+    has_head        a randomly initialised head that is trained in full (method `none` = a probe on the frozen model);
                     without one, method `none` is zero-shot scoring (nothing trained)
     default_model, default_batch_size, default_max_length   the run defaults for this kind
     has_tokens      whether inputs are token ids (False for images: no token masks or token statistics)

@@ -5,7 +5,8 @@
 
 Methods: `lora`, `dora`, `adapter` (dense: plain peft / the ungated bottleneck adapter), `ts-lora`, `ts-dora`,
 `ts-adapter` (the same, token-gated by tspeft), and `none` (no adapter: for a kind with a head the head alone
-is trained, i.e. a linear probe on the frozen encoder; without one, zero-shot scoring).
+is trained on the frozen model: for text, `fit` replaces it by a probe fitted to convergence, training/probe.py;
+without a head, zero-shot scoring).
 """
 
 from __future__ import annotations

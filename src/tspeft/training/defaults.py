@@ -27,7 +27,11 @@ The warm-up and ramp are cut to fit a short run so that its last `gate_settle_st
 at the full target (`run_config.fit_gate_schedule`); a run shorter than that records `target_reached: false`.
 
 `none` means no adapter. For a classification task the randomly initialised head must be trained, so
-`none` trains the classification head only (a linear probe on the frozen encoder); for a multiple-choice
+`none` on a text classification task is the frozen baseline: a multinomial logistic regression fitted to
+convergence (full-batch L-BFGS, L2 weight chosen on a held-out fifth of the training examples) on the frozen
+encoder's features pooled as the model was trained (sentence-transformers' pooling config; mean over real
+tokens otherwise), `training/probe.py`; the issue measured a [CLS] head trained for the run's few SGD steps at
+the majority class, far below such a probe. For images `none` trains the head only; for a multiple-choice
 task with a causal LM it is zero-shot scoring (nothing is trained).
 
 The pooler (`bert.pooler.dense`, fed only the [CLS] token) is not adapted: with one token per sequence a

@@ -21,8 +21,9 @@ from transformers import Trainer, TrainingArguments
 from .callback import ThresholdCallback
 from .data import ListDataset, TaskData
 from .defaults import DEFAULTS
+from .probe import fit_frozen_probe
 from .run_config import TrainConfig, TrainPlan
-from .run_folder import load_checkpoint_into, save_adapter
+from .run_folder import TRAIN_LOG, load_checkpoint_into, save_adapter, write_json_lines
 
 
 class TSTrainer(Trainer):
@@ -86,6 +87,7 @@ class Fitted:
     train_seconds: float = 0.0
     train_steps: int = 0
     final_loss: float | None = None
+    details: dict | None = None  # metrics.json entries of the fit (the frozen probe: {"probe": ...})
 
 
 def fit(model: nn.Module, tokenizer, task_data: TaskData, plan: TrainPlan, training_args: TrainingArguments,
@@ -93,6 +95,13 @@ def fit(model: nn.Module, tokenizer, task_data: TaskData, plan: TrainPlan, train
     """Train `model` on `task_data.train` (nothing to do for zero-shot runs or an empty train set)."""
     if not plan.trains or not task_data.train:
         return Fitted(model)
+    if plan.frozen_probe:  # `none` on an encoder classification task: the fitted probe, no Trainer
+        start = time.perf_counter()
+        classifier, probe = fit_frozen_probe(model.to(training_args.device), tokenizer, task_data, plan.max_length,
+                                             plan.eval_batch_size)
+        if out is not None and training_args.process_index == 0:  # every run has a training log: the fit's loss
+            write_json_lines(out / TRAIN_LOG, [{"step": 0, "loss": probe.final_loss, "probe_l2": probe.l2}])
+        return Fitted(classifier, time.perf_counter() - start, 0, probe.final_loss, {"probe": probe.to_json()})
     kind = task_data.kind
     features = kind.features(tokenizer, task_data.train, plan.max_length)
     # Trainer reads model.is_gradient_checkpointing through TSPeftModel's attribute forwarding: not our warning

@@ -120,7 +120,7 @@ class TrainPlan:
     allocation: str | None  # ts-* only: "learned" or "uniform"
     selection: str | None  # ts-* only: "magnitude" or "random"
     zero_shot: bool  # method none on a kind without a head: nothing is trained
-    linear_probe: bool  # method none on a kind with a head: the head alone is trained
+    linear_probe: bool  # method none on a kind with a head: a probe on the frozen model (see frozen_probe)
     warmup_steps_requested: int | None = None  # ts-* only: the warm-up asked for (or the default)
     target_reached: bool | None = None  # target mode: the gate has DEFAULTS.gate_settle_steps at its target
     schedule_note: str | None = None  # what fitting the schedule changed, or why the target is out of reach
@@ -132,6 +132,12 @@ class TrainPlan:
     @property
     def trains(self) -> bool:
         return not self.zero_shot
+
+    @property
+    def frozen_probe(self) -> bool:
+        """`none` on a token classification task: a probe fitted to convergence on the frozen encoder's pooled
+        features (training/probe.py) instead of a head trained by SGD steps (images keep the latter)."""
+        return self.linear_probe and self.kind.has_tokens
 
 
 def check_method(method: str) -> None:

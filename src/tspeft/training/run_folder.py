@@ -13,7 +13,8 @@
                             which feature-map positions kept their update (tspeft.tasks.image_classification)
         the adapter         ts-*: TSPeftModel.save_pretrained (ts_config.json + weights, see tspeft.core.io);
                             lora/dora: peft's save_pretrained (adapter_config.json + weights);
-                            adapter/none: trainable_weights.safetensors + run_manifest.json
+                            adapter/none: trainable_weights.safetensors + run_manifest.json (none on a token
+                            classification task: the frozen probe's Linear and its pooling, training/probe.py)
         checkpoints/        with save_steps: Trainer checkpoints checkpoint-N (the adapter as above, τ-rule state,
                             optimizer, scheduler, RNG)
         importance.json     written by `tspeft importance` (tspeft.analysis.importance)
@@ -40,6 +41,7 @@ from ..core.io import MANIFEST, atomic_write
 from ..core.model import TSPeftModel
 from ..tasks.image import POSITION_MASKS  # noqa: F401 - the image kind's extra record, named here with the rest
 from ..tasks.labels import LabelSet
+from .probe import PooledClassifier
 from .wrappers import unwrap_ts_model
 
 RUN_STATE = "run_state.json"
@@ -73,6 +75,10 @@ def json_safe(value: Any) -> Any:
 
 def write_json(path: Path, value: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2, default=str)))
+
+
+def write_json_lines(path: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
 
 
 def read_metrics(folder: Path) -> dict[str, Any]:
@@ -110,7 +116,8 @@ def save_adapter(model: nn.Module, method: str, out: Path) -> None:
         bottleneck = getattr(model, "_tspeft_bottleneck_config", None)
         atomic_write(out / DENSE_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         manifest = {"method": method, "bottleneck_config": bottleneck.to_dict() if bottleneck else None,
-                    "weights": DENSE_WEIGHTS}
+                    "weights": DENSE_WEIGHTS,
+                    "probe_pooling": model.pooling if isinstance(model, PooledClassifier) else None}
         atomic_write(out / RUN_MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
 
 
@@ -159,6 +166,11 @@ def load_adapter(base: nn.Module, folder: Path, method: str) -> nn.Module:
         manifest = json.loads((folder / RUN_MANIFEST).read_text())
         if manifest.get("bottleneck_config"):
             inject_bottleneck_adapters(base, BottleneckConfig.from_dict(manifest["bottleneck_config"]))
+        if manifest.get("probe_pooling"):  # the frozen probe (training/probe.py): encoder, pooling, Linear
+            weights = _readable_weights(folder / manifest["weights"])
+            if "probe.weight" not in weights:
+                raise ValueError(f"{folder}: {manifest['weights']} holds no probe.weight for the frozen probe")
+            base = PooledClassifier(base, manifest["probe_pooling"], weights["probe.weight"].shape[0]).eval()
         _load_trainable_weights(base, folder, "saved weights do not fit the base model")
         return base
     if method == "none":

@@ -156,6 +156,7 @@ def run_metrics(cfg: TrainConfig, plan: TrainPlan, task_data: TaskData, fitted: 
         "data": {"task": cfg.task, "data": cfg.data, "eval_data": cfg.eval_data, "columns": column_names(cfg)},
         "target_modules": plan.target_modules, "modules_from": cfg.modules_from, "top_k": cfg.top_k,
         "criterion": cfg.criterion if cfg.modules_from else None,
+        **(fitted.details or {}),
     }
 
 
