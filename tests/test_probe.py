@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+
 from cli_helpers import write_jsonl
 from test_training import read_log
-
 from tspeft.training.evaluate import evaluate
 from tspeft.training.probe import PooledClassifier, fit_standardised_probe, model_pooling, pool
 from tspeft.training.run_config import EvalConfig, TrainConfig
