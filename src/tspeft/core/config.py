@@ -36,9 +36,12 @@ class TokenSelectiveConfig:
     # first-order loss model (0 < γ ≤ 1).
     step_size: float = 0.1
     # β: momentum of the running mean of each module's loss-vs-kept curve (one batch's curve is noisy).
-    slope_momentum: float = 0.9
+    slope_momentum: float = 0.97
     # α: how far τ moves towards the threshold that realises the new u, per step (0 < α ≤ 1).
     tau_smoothing: float = 0.5
+    # Pull each module's running curve toward the pooled per-token curve as far as its estimated noise says
+    # (empirical Bayes, tau_rule.shrink_to_pooled), so noise alone does not move budget between modules.
+    shrink_curves: bool = True
     # Resolution of the loss-vs-kept curve: segments of width 1/curve_points in kept fraction.
     curve_points: int = 20
     # Lower bound on each module's kept fraction u, so no module is switched off entirely.
@@ -83,6 +86,7 @@ class TokenSelectiveConfig:
         self.log10_r_range = (float(lo_hi[0]), float(lo_hi[1]))
         require(isinstance(self.histogram_bins, int) and self.histogram_bins >= 16, "histogram_bins",
                 "must be an int >= 16")
+        require(isinstance(self.shrink_curves, bool), "shrink_curves", "must be true or false")
         require(self.allocation in ALLOCATIONS, "allocation", f"must be one of {', '.join(ALLOCATIONS)}")
         require(self.selection in SELECTIONS, "selection", f"must be one of {', '.join(SELECTIONS)}")
         require(self.base_method in (None, "lora", "dora", "adapter"), "base_method",

@@ -21,7 +21,8 @@ from torch import nn
 from .config import TokenSelectiveConfig
 
 GATE_STATE = ("tau", "allocated_kept", "loss_slope")  # persistent per-gate τ-rule state (scalars)
-GATE_SAVED = GATE_STATE + ("loss_curve",)  # what adapter files and checkpoints hold per gate
+GATE_SAVED = GATE_STATE + ("loss_curve", "loss_curve_square")  # what adapter files and checkpoints hold per gate
+GATE_ADDED_LATER = ("loss_curve", "loss_curve_square")  # folders saved before these existed lack them: restart at 0
 LEGACY_STATE_NAMES = {"allocated_kept": "kept_target"}  # the names adapters saved before the rename use
 RETIRED_GATE_BUFFERS = (".ts_gate.band_low", ".ts_gate.band_high")  # the earlier slope rule's: ignored on load
 
@@ -57,6 +58,8 @@ class TokenGate(nn.Module):
                              persistent=False)
         # Running mean of that curve on a grid of kept fractions (tau_rule.py), saved with the adapter.
         self.register_buffer("loss_curve", torch.zeros(config.curve_points + 1, dtype=torch.float64))
+        # Running mean of its square (same β): the curve's step-to-step variance, i.e. how noisy the estimate is.
+        self.register_buffer("loss_curve_square", torch.zeros(config.curve_points + 1, dtype=torch.float64))
         # Since the last reset_stats(): `TokenCounts` (kept, real, Σ r over real tokens; what `kept_fractions()`
         # reports).
         self.register_buffer("kept_counts", torch.zeros(len(TokenCounts._fields), dtype=torch.float64),
@@ -77,7 +80,7 @@ class TokenGate(nn.Module):
             self._buffers[name] = source.to(device=buffer.device, dtype=dtype)
         return self
 
-    _COUNTS = ("r_histogram", "change_histogram", "loss_curve", "kept_counts")
+    _COUNTS = ("r_histogram", "change_histogram", "loss_curve", "loss_curve_square", "kept_counts")
 
     @staticmethod
     def relative_magnitude(update_norm: torch.Tensor, base_norm: torch.Tensor) -> torch.Tensor:

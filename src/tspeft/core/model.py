@@ -28,7 +28,7 @@ from . import io
 from .adapter import BottleneckConfig, inject_bottleneck_adapters
 from .attach import TokenMask, attach_gate, is_gateable
 from .config import TokenSelectiveConfig
-from .gate import GATE_SAVED, LEGACY_STATE_NAMES, RETIRED_GATE_BUFFERS, TokenCounts, TokenGate
+from .gate import GATE_ADDED_LATER, GATE_SAVED, LEGACY_STATE_NAMES, RETIRED_GATE_BUFFERS, TokenCounts, TokenGate
 from .tau_rule import CHANGES, calibrate_thresholds, update_thresholds
 
 
@@ -279,8 +279,8 @@ class TSPeftModel(nn.Module):
         weights = {_current_name(k[len("adapter."):]): v for k, v in tensors.items()
                    if k.startswith("adapter.") and not k.endswith(RETIRED_GATE_BUFFERS)}
         for key, value in self.adapter_state_dict().items():
-            if key.endswith(".ts_gate.loss_curve") and key not in weights:
-                weights[key] = value  # saved before the loss curve existed: it restarts from zero
+            if key.endswith(tuple(f".ts_gate.{f}" for f in GATE_ADDED_LATER)) and key not in weights:
+                weights[key] = torch.zeros_like(value)  # saved before the field existed: it restarts from zero
         self._load_adapter_weights(weights, folder)
         states = {name: _checked_gate_state(_saved_gate_state(tensors, name, folder), name, folder)
                   for name in self.gates}
@@ -327,10 +327,10 @@ def _saved_state(tensors: dict[str, torch.Tensor], gate: str, field: str, folder
 
 
 def _saved_gate_state(tensors: dict[str, torch.Tensor], name: str, folder) -> dict[str, torch.Tensor]:
-    """The GATE_SAVED fields of one module; folders written before the loss curve existed lack it (it then
-    restarts from zero)."""
+    """The GATE_SAVED fields of one module; folders written before a GATE_ADDED_LATER field existed lack it (it
+    then restarts from zero)."""
     return {field: _saved_state(tensors, name, field, folder) for field in GATE_SAVED
-            if field != "loss_curve" or f"gate.{name}.{field}" in tensors}
+            if field not in GATE_ADDED_LATER or f"gate.{name}.{field}" in tensors}
 
 
 def _checked_gate_state(state: dict[str, torch.Tensor], name: str, folder) -> dict[str, torch.Tensor]:
@@ -342,8 +342,8 @@ def _checked_gate_state(state: dict[str, torch.Tensor], name: str, folder) -> di
     if not 0 <= kept <= 1:
         raise ValueError(f"{folder}: the allocated kept fraction u of module {name} is {kept} in the adapter "
                          "file; it must lie in [0, 1]")
-    curve = state.get("loss_curve", torch.zeros(1))
-    if not (math.isfinite(float(state["loss_slope"])) and bool(torch.isfinite(curve).all())):
+    curves = [state.get(field, torch.zeros(1)) for field in GATE_ADDED_LATER]
+    if not (math.isfinite(float(state["loss_slope"])) and all(bool(torch.isfinite(c).all()) for c in curves)):
         raise ValueError(f"{folder}: the τ-rule state of module {name} is damaged (NaN or negative values)")
     return state
 

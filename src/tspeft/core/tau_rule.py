@@ -163,7 +163,26 @@ def allocation_oracle(slopes: torch.Tensor, weights: torch.Tensor, config: Token
     return (below.double() + share * tied.double()).sum(-1) / points
 
 
-def _new_allocation(old_u, curves, weights, config: TokenSelectiveConfig, step: int) -> torch.Tensor:
+def shrink_to_pooled(curves: torch.Tensor, variances: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each module's running curve pulled toward the pooled per-token curve as far as its noise says (empirical Bayes).
+
+    Per token, f_m = F̂_m / N_m and f̄ = Σ_m F̂_m / Σ_m N_m. With D_m = Σ_j (f_m(u_j) − f̄(u_j))² (deviation of the
+    module from the pool) and S_m = Σ_j Var f_m(u_j) (the running mean's own variance), the normal-means posterior
+    mean with the prior's spread estimated by moments (D_m − S_m) is f̄ + w_m (f_m − f̄), w_m = max(0, 1 − S_m / D_m):
+    a module whose curve differs from the others by no more than its noise gets the pooled curve, so the oracle
+    leaves it at the allocation the pool gives (uniform when every module is pooled); a module whose curve differs
+    clearly keeps its own.
+    """
+    n = weights.clamp_min(1e-12).unsqueeze(-1)
+    per_token, pooled = curves / n, curves.sum(0, keepdim=True) / weights.sum().clamp_min(1e-12)
+    deviation = (per_token - pooled).square().sum(-1)
+    noise = (variances / n.square()).sum(-1)
+    weight = (1 - noise / deviation.clamp_min(1e-300)).clamp(0.0, 1.0)
+    return n * (pooled + weight.unsqueeze(-1) * (per_token - pooled))
+
+
+def _new_allocation(old_u, curves, weights, config: TokenSelectiveConfig, step: int,
+                    variances: torch.Tensor | None = None) -> torch.Tensor:
     """The allocation after one step (see the module docstring): oracle, Frank–Wolfe mixing, exact budget."""
     target = None if config.target_kept is None else scheduled_target(config, step)
     uniform = config.allocation == "uniform"
@@ -175,11 +194,23 @@ def _new_allocation(old_u, curves, weights, config: TokenSelectiveConfig, step: 
                                    None, mean_benefit)
         oracle = shared.expand_as(old_u)
     else:
+        if config.shrink_curves and variances is not None:
+            curves = shrink_to_pooled(curves, variances, weights)
         oracle = allocation_oracle(hull_slopes(curves), weights, config, target, mean_benefit)
     mixed = old_u + config.step_size * (oracle - old_u)
     if target is None:
         return mixed.clamp(config.min_kept, 1.0)
     return project_onto_budget(mixed, weights, target, config.min_kept)
+
+
+def running_mean_variance(curves: torch.Tensor, squares: torch.Tensor, beta: float, step: int) -> torch.Tensor:
+    """Variance of the running mean F̂ (in F̂'s own, uncorrected scale): the step curves' variance from the two
+    running means (bias-corrected for their zero start), times (1 − β)/(1 + β), the variance of an exponential mean
+    of independent steps relative to one step's."""
+    kept_share = 1 - beta ** max(step, 1)  # the weight the running means have put on data so far
+    mean, square = curves / kept_share, squares / kept_share
+    step_variance = (square - mean.square()).clamp_min(0.0)
+    return step_variance * (1 - beta) / (1 + beta) * kept_share ** 2
 
 
 def slope_at(curves: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -217,15 +248,18 @@ def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step
     state = torch.stack(state_tensors).reshape(len(gates), len(GATE_STATE)).double().cpu()
     old_tau, old_u, old_slope = state.unbind(1)  # GATE_STATE's order
     old_curves = torch.stack([g.loss_curve for g in gates]).cpu()
+    old_squares = torch.stack([g.loss_curve_square for g in gates]).cpu()
     step_curves = loss_curves(counts, changes, config.curve_points, config.selection == "random")
     beta = config.slope_momentum
     curves = torch.where(seen.unsqueeze(-1), beta * old_curves + (1 - beta) * step_curves, old_curves)
+    squares = torch.where(seen.unsqueeze(-1), beta * old_squares + (1 - beta) * step_curves.square(), old_squares)
 
     if step <= config.warmup_steps or not bool(seen.any()):
         new_u = old_u if step > config.warmup_steps else torch.ones_like(old_u)
     else:
         weights = torch.where(seen, real_count, torch.zeros_like(real_count))
-        new_u = torch.where(seen, _new_allocation(old_u, curves, weights, config, step), old_u)
+        new_u = torch.where(seen, _new_allocation(old_u, curves, weights, config, step,
+                                                  running_mean_variance(curves, squares, beta, step)), old_u)
     u = new_u
     tau_quantile = histogram_quantiles(counts, (1 - u).unsqueeze(1), config.log10_r_range).squeeze(1)
     finite = torch.isfinite(old_tau)
@@ -237,6 +271,7 @@ def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step
     new_state = torch.stack([tau, u, slope], 1)  # GATE_STATE's order
     torch._foreach_copy_(state_tensors, list(new_state.float().to(device).flatten().unbind()))
     torch._foreach_copy_([g.loss_curve for g in gates], list(curves.to(device).unbind()))
+    torch._foreach_copy_([g.loss_curve_square for g in gates], list(squares.to(device).unbind()))
 
 
 @torch.no_grad()
