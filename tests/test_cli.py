@@ -45,6 +45,7 @@ def fails(argv, capsys) -> str:
     (["train", "--task", "rotten_tomatoes", "--device", "tpu", "--out", "x"], "argument --device"),
     (["compare", "--task", "rotten_tomatoes", "--methods", "lora,bogus"], "argument --methods: unknown value 'bogus'"),
     (["compare", "--task", "rotten_tomatoes", "--seeds", "0,x"], "argument --seeds"),
+    (["compare", "--task", "rotten_tomatoes", "--methods", "lora:random"], "argument --methods: unknown value"),
     (["eval", "--adapter", "no/such/run"], "argument --adapter"),
     ([], "required"),
 ])
@@ -118,6 +119,23 @@ def test_compare(tmp_path, bert_dir, data_file, capsys):
     assert lora["kept_fraction_mean"] == 1.0 and lora["accuracy_std"] is not None
     assert "± " in (out / "compare.md").read_text()
     assert (out / "ts-lora-s0" / "report.html").is_file() and not (out / "lora-s0" / "report.html").exists()
+
+
+def test_compare_runs_the_random_control_through_the_same_path(tmp_path, bert_dir, data_file, capsys):
+    """`ts-lora:random` is ts-lora with random tokens at the target in every module: its own row and run folder,
+    its metrics say so."""
+    out = tmp_path / "cmp"
+    assert main(["compare", "--data", str(data_file), "--model", str(bert_dir), "--methods", "ts-lora,ts-lora:random",
+                 "--seeds", "0", "--max-steps", "6", "--warmup-steps", "1", "--target-kept", "0.5", "--batch-size",
+                 "8", "--max-length", "24", "--device", "cpu", "--no-report", "--out", str(out)]) == 0
+    assert "| ts-lora:random | 1 |" in capsys.readouterr().out
+    summary = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in summary["summary"]] == ["ts-lora", "ts-lora:random"]
+    control = json.loads((out / "ts-lora.random-s0" / "metrics.json").read_text())
+    assert control["method"] == "ts-lora" and (control["allocation"], control["selection"]) == ("uniform", "random")
+    learned = json.loads((out / "ts-lora-s0" / "metrics.json").read_text())
+    assert (learned["allocation"], learned["selection"]) == ("learned", "magnitude")
+    assert "random tokens at the same kept fraction" in (out / "compare.md").read_text()
 
 
 def test_setup_calls_prepare_all(monkeypatch, capsys, tmp_path):

@@ -14,6 +14,15 @@ from ..core.io import atomic_write
 from ..training.run_folder import REPORT
 from .commands import fmt, is_main_process, write_report
 
+METHOD_NOTES = {  # said under the table when the comparison has such a method (prefix match)
+    "none": "none: the frozen baseline (for text classification a probe fitted on the frozen model's pooled "
+            "features).",
+    **{f"ts-{m}:random": f"ts-{m}:random: the control with random tokens at the same kept fraction in every module."
+       for m in ("lora", "dora", "adapter")},
+    **{f"ts-{m}:uniform": f"ts-{m}:uniform: the control with every module at the target, tokens by r."
+       for m in ("lora", "dora", "adapter")},
+}
+
 
 def _mean_std(values: list) -> tuple[float | None, float | None]:
     values = [v for v in values if v is not None]
@@ -25,7 +34,7 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
 def summarise(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
     rows = []
     for method in methods:
-        chosen = [r for r in runs if r["method"] == method]
+        chosen = [r for r in runs if r.get("compare_method", r["method"]) == method]
         row = {"method": method, "runs": len(chosen), "seeds": [r["seed"] for r in chosen]}
         for key in ("accuracy", "kept_fraction", "train_seconds"):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r.get(key) for r in chosen])
@@ -76,20 +85,22 @@ def cmd_compare(args) -> int:
 
 def _run_all(args, folder: Path, out: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Train every method × seed into `folder` (the runs' paths are given as they will be under `out`)."""
+    from ..training.run_config import split_method_spec
     from ..training.train import train
 
     runs, reports = [], []
-    plan = [(method, seed) for method in args.methods for seed in args.seeds]
+    plan = [(spec, seed) for spec in args.methods for seed in args.seeds]
     is_main = True  # known after the first train() (under a launcher every rank runs every run; rank 0 reports)
-    for i, (method, seed) in enumerate(plan, 1):
-        run_dir = folder / f"{method}-s{seed}"
+    for i, (spec, seed) in enumerate(plan, 1):
+        method, control = split_method_spec(spec)  # a control (ts-lora:random) is the method with its settings
+        run_dir = folder / f"{spec.replace(':', '.')}-s{seed}"
         if is_main:
-            print(f"[tspeft] compare run {i}/{len(plan)}: {method} seed {seed} -> {out / run_dir.name}", flush=True)
-        run_args = argparse.Namespace(**{**vars(args), "method": method, "seed": seed, "out": str(run_dir),
-                                         "overwrite": False})
+            print(f"[tspeft] compare run {i}/{len(plan)}: {spec} seed {seed} -> {out / run_dir.name}", flush=True)
+        run_args = argparse.Namespace(**{**vars(args), "method": method, **control, "seed": seed,
+                                         "out": str(run_dir), "overwrite": False})
         metrics = train(run_args)
         is_main = is_main_process()
-        metrics["run_dir"] = str(out / run_dir.name)
+        metrics["run_dir"], metrics["compare_method"] = str(out / run_dir.name), spec
         runs.append(metrics)
         if not is_main:
             continue
@@ -108,9 +119,12 @@ def _write_tables(args, name: str, runs: list[dict[str, Any]], reports: list[str
     first = runs[0]
     header = (f"# tspeft compare: {name}\n\nmodel {first['model']}, {first['n_train']} train / {first['n_eval']} eval "
               f"examples, seeds {', '.join(map(str, args.seeds))}; mean ± standard deviation over seeds. "
-              "Kept fraction: share of real-token adapter updates applied on the eval set (1 for dense methods).\n\n")
+              "Kept fraction: share of real-token adapter updates applied on the eval set (1 for dense methods)."
+              + "".join(f" {note}" for spec, note in METHOD_NOTES.items() if any(m.startswith(spec)
+                                                                                 for m in args.methods))
+              + "\n\n")
     per_run = ["", "| method | seed | accuracy | kept fraction | train seconds | run |", "|---|---|---|---|---|---|"]
-    per_run += [f"| {r['method']} | {r['seed']} | {fmt(r['accuracy'])} | {fmt(r['kept_fraction'], 3)} | "
+    per_run += [f"| {r['compare_method']} | {r['seed']} | {fmt(r['accuracy'])} | {fmt(r['kept_fraction'], 3)} | "
                 f"{r['train_seconds']:.1f} | {r['run_dir']} |" for r in runs]
     markdown = header + table + "\n" + "\n".join(per_run) + "\n"
     atomic_write(folder / "compare.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))

@@ -11,6 +11,7 @@ from ..tasks.data import TASKS
 from ..tasks.kinds import TASK_KINDS
 from ..tasks.resources import EMBEDDED_MODELS
 from ..training.defaults import DEFAULTS, METHODS
+from ..training.run_config import METHOD_SPECS
 from ..training.run_folder import CHECKPOINTS, resolve_checkpoint
 from ..training.staging import staging_folder
 
@@ -232,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train several methods x seeds and tabulate accuracy / kept fraction / time")
     _add_data_flags(p)
-    p.add_argument("--methods", default="lora,ts-lora", help="comma-separated methods (default lora,ts-lora)")
+    p.add_argument("--methods", default="lora,ts-lora",
+                   help="comma-separated methods (default lora,ts-lora); a ts-* method may name a control: "
+                        "ts-lora:random (random tokens at the same kept fraction), ts-lora:uniform (every module "
+                        "at the target)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     _add_train_flags(p)
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/compare-<task>)")
@@ -357,7 +361,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Nam
     if args.command in ("train", "compare"):
         if args.command == "compare":
             sub = parser._tspeft_sub["compare"]
-            args.methods = _split_list(sub, "--methods", args.methods, str, METHODS)
+            args.methods = _split_list(sub, "--methods", args.methods, str, METHOD_SPECS)
             args.seeds = _split_list(sub, "--seeds", args.seeds, _non_negative_int)
         _check_data_flags(parser, args)
         _check_train_flags(parser, args)

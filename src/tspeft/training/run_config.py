@@ -140,6 +140,21 @@ class TrainPlan:
         return self.linear_probe and self.kind.has_tokens
 
 
+# `tspeft compare --methods ts-lora,ts-lora:random`: a ts-* method with one of the controls of issue 13, run
+# through the same code path (docs/method.md, "Controls"); the settings each control name stands for.
+CONTROLS = {"uniform": {"allocation": "uniform"},  # every module at the target, tokens by r
+            "random": {"allocation": "uniform", "selection": "random"}}  # random tokens at the target, every module
+METHOD_SPECS = METHODS + tuple(f"{m}:{c}" for m in METHODS if m.startswith("ts-") for c in CONTROLS)
+
+
+def split_method_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'ts-lora:random' -> ('ts-lora', {'allocation': 'uniform', 'selection': 'random'}); 'lora' -> ('lora', {})."""
+    if spec not in METHOD_SPECS:
+        raise ValueError(f"unknown method {spec!r}; choose one of {', '.join(METHOD_SPECS)}")
+    method, _, control = spec.partition(":")
+    return method, dict(CONTROLS[control]) if control else {}
+
+
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
