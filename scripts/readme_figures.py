@@ -8,6 +8,7 @@ typed by hand.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -36,11 +37,21 @@ def claim_table() -> str:
             f"{section}")
 
 
+def learned_ts_run(folder: Path) -> bool:
+    """A ts-* run of the rule itself (not a control such as ts-lora:random) with a report."""
+    metrics = folder / "metrics.json"
+    if not (folder / "report").is_dir() or not metrics.is_file():
+        return False
+    run = json.loads(metrics.read_text())
+    controls = (run.get("allocation"), run.get("selection"))
+    return run["method"].startswith("ts-") and controls == ("learned", "magnitude")
+
+
 def main(run_dir: str = "runs/main") -> None:
     run = ROOT / run_dir
     table = (run / "compare.md").read_text().split("\n\n")
     heading_and_table = "\n\n".join(part for part in table[1:3])  # the description and the mean ± std table
-    ts_run = next(p for p in sorted(run.iterdir()) if p.name.startswith("ts-") and (p / "report").is_dir())
+    ts_run = next(p for p in sorted(run.iterdir()) if learned_ts_run(p))
     image = ROOT / "docs" / "images" / "main_tokens.png"
     image.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ts_run / "report" / "tokens_0.png", image)
