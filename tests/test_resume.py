@@ -9,6 +9,7 @@ import torch
 
 from models import MLP, lora, training_bert, ts_mlp
 from tspeft import TokenSelectiveConfig, TSPeftModel, get_ts_peft_model
+from tspeft.core.gate import GATE_SAVED
 
 STEPS, SAVE_AT = 12, 5
 
@@ -48,7 +49,7 @@ def _fresh(method):
 
 def _trainable_and_gate_state(model):
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    gate_fields = ("tau", "allocated_kept", "loss_slope", "loss_curve", "rule_step")
+    gate_fields = (*GATE_SAVED, "rule_step")
     return {k: v.clone() for k, v in model.state_dict().items() if k in names or k.endswith(gate_fields)}
 
 
