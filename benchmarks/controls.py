@@ -10,7 +10,9 @@ Every run: MiniLM-L6 + LoRA (the training defaults' rank, alpha and target modul
 loop (linear decay, `model.update_thresholds()` after each optimizer step) on the same seed-chosen examples in
 the same order for every arm, then evaluated on the fixed eval set (accuracy, eval kept fraction). The ts arms
 differ only in `TokenSelectiveConfig.allocation` / `selection`; after training, τ is calibrated on eval-mode
-passes over training batches (`calibrating_thresholds`, docs/method.md) before the evaluation.
+passes (`TSPeftModel.calibrate`, docs/method.md) over up to 640 examples of the train pool the run does not
+train on (`--calibrate-on train`: over its training examples, as the records without a "calibration" field),
+before the evaluation.
 
 The frozen baseline ("probe") is `tspeft train --method none`'s (`tspeft.training.probe`): a multinomial logistic
 regression on MiniLM's frozen mean-pooled token embeddings (the pooling the model was trained with), fitted to
@@ -43,7 +45,7 @@ from transformers import get_linear_schedule_with_warmup, set_seed  # noqa: E402
 
 from provenance import code_commit  # noqa: E402
 from tspeft.core.io import atomic_write  # noqa: E402
-from tspeft.tasks.data import get_task, load_task, split_examples  # noqa: E402
+from tspeft.tasks.data import get_task, load_task, split_examples, unused_train_examples  # noqa: E402
 from tspeft.tasks.kinds import get_kind  # noqa: E402
 from tspeft.tasks.labels import LabelSet  # noqa: E402
 from tspeft.training.build import build_model, load_base  # noqa: E402
@@ -73,6 +75,17 @@ def task_examples(task: str, n_train: int, n_eval: int, seed: int) -> TaskData:
         train, evaluation = load_task(task, n_train=n_train, n_eval=n_eval, seed=seed)
     labels = LabelSet.for_task(spec.label_names) if spec.label_names else None
     return TaskData(task, get_kind(spec.kind), train, evaluation, labels)
+
+
+def unused_examples(task: str, n_train: int, n_eval: int, seed: int, n: int) -> list[dict]:
+    """Up to `n` examples of the task's train pool that `task_examples(task, n_train, n_eval, seed)` does not train
+    on: the τ calibration set (their inputs only)."""
+    if task != "sst5":
+        return unused_train_examples(task, n_train, n_eval, seed, n)
+    pool, _ = split_examples(get_task(task).loader()[0], n_eval=SST5_HELD_OUT, source=task)
+    pool = list(pool)
+    random.Random(seed).shuffle(pool)  # the order task_examples takes its n_train from
+    return pool[n_train:n_train + n]
 
 
 def features_and_collator(task_data: TaskData, tokenizer, examples: list[dict], max_length: int):
@@ -141,13 +154,20 @@ def evaluate_arm(fitted: dict, task_data: TaskData, args) -> dict:
 
 
 def train_arm(task_data: TaskData, arm: str, args, seed: int, on_step=None) -> dict:
-    """One run of `arm`: fit, calibrate τ (ts arms, unless --no-calibrate), evaluate."""
+    """One run of `arm`: fit, calibrate τ (ts arms, unless --no-calibrate; --calibrate-on), evaluate."""
     fitted = fit_arm(task_data, arm, args, seed, on_step)
-    rounds = None
-    if hasattr(fitted["model"], "gates") and args.calibrate:
-        rounds = calibrate(fitted["model"], fitted["features"], fitted["collate"], args.calibration_examples,
-                           args.calibration_rounds)
-    return {**evaluate_arm(fitted, task_data, args), **({"calibration_rounds": rounds} if rounds else {})}
+    if not (hasattr(fitted["model"], "gates") and args.calibrate):
+        return evaluate_arm(fitted, task_data, args)
+    features, collate = fitted["features"], fitted["collate"]
+    if args.calibrate_on == "unused":
+        spare = unused_examples(task_data.name, len(task_data.train), len(task_data.eval), seed,
+                                args.calibration_examples)
+        if spare:
+            features, _ = features_and_collator(task_data, fitted["tokenizer"], spare, args.max_length)
+    rounds = calibrate(fitted["model"], features, collate, args.calibration_examples, args.calibration_rounds)
+    source = "unused" if features is not fitted["features"] else "train"
+    return {**evaluate_arm(fitted, task_data, args), "calibration_rounds": rounds,
+            "calibration": f"{source} examples ({min(len(features), args.calibration_examples)})"}
 
 
 def probe(task_data: TaskData, args) -> dict:
@@ -188,6 +208,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rule", type=json.loads, default=None, help="TokenSelectiveConfig overrides (JSON)")
     parser.add_argument("--no-calibrate", dest="calibrate", action="store_false")
     parser.add_argument("--calibration-examples", type=int, default=640)
+    parser.add_argument("--calibrate-on", choices=("unused", "train"), default="unused",
+                        help="τ calibration examples: of the train pool the run does not train on (default), or "
+                             "its first training examples (as the records before this flag)")
     parser.add_argument("--calibration-rounds", type=int, default=4,
                         help="at most this many fixed-point rounds of τ calibration (1: one pass, as before)")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -26,28 +25,19 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from controls import (  # noqa: E402
-    SST5_HELD_OUT,
     add_run_arguments,
     calibrate,
     evaluate_arm,
     features_and_collator,
     fit_arm,
     task_examples,
+    unused_examples,
 )
 from provenance import code_commit  # noqa: E402
 from tspeft.core.io import atomic_write  # noqa: E402
-from tspeft.tasks.data import get_task, split_examples  # noqa: E402
 
 VARIANTS = {"train, 1 pass": ("train", 1), "train, rounds": ("train", 4),
             "held-out, 1 pass": ("held-out", 1), "held-out, rounds": ("held-out", 4)}
-
-
-def held_out_examples(task: str, n_train: int, n: int, seed: int) -> list[dict]:
-    """Examples of the task's training pool that `task_examples(task, n_train, ..., seed)` does not train on."""
-    pool, _ = split_examples(get_task(task).loader()[0], n_eval=SST5_HELD_OUT, source=task)
-    pool = list(pool)
-    random.Random(seed).shuffle(pool)
-    return pool[n_train:n_train + n]
 
 
 def kept_on(model, features, collate) -> float:
@@ -63,9 +53,7 @@ def kept_on(model, features, collate) -> float:
 
 def run(args) -> dict:
     task_data = task_examples(args.task, args.n_train, args.n_eval, args.seed)
-    if args.task != "sst5":
-        raise ValueError("--task: held-out examples are drawn as for sst5's recorded split; only sst5 is supported")
-    held_out = held_out_examples(args.task, args.n_train, args.calibration_examples, args.seed)
+    held_out = unused_examples(args.task, args.n_train, args.n_eval, args.seed, args.calibration_examples)
     records = []
     for arm in args.arms.split(","):
         fitted = fit_arm(task_data, arm, args, args.seed)

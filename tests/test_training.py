@@ -210,3 +210,34 @@ def test_trainer_save_model_writes_the_adapter(tmp_path, tiny_bert):
     reloaded = TSPeftModel.from_pretrained(BertForSequenceClassification(BertConfig(**tiny_bert.config.to_dict())),
                                            tmp_path / "ckpt")
     assert set(reloaded.thresholds().values()) == {0.25}
+
+
+def test_shipped_task_run_calibrates_on_pool_examples_it_does_not_train_on(tmp_path, bert_dir, monkeypatch):
+    """With --n-train below the pool, τ is calibrated on the next pool examples (inputs only), none of which
+    the run trains on; evaluated on them the way eval runs, they keep the target."""
+    from tspeft.tasks import data as tasks_data
+
+    words = ["good fine", "bad awful"]
+    pool = [{"text": f"{words[i % 2]} {i} x{'y' * (i % 7)}", "label": i % 2} for i in range(80)]
+    spec = tasks_data.TaskSpec("toy", "classification", lambda: (pool, None), "toy task", ("neg", "pos"))
+    monkeypatch.setitem(tasks_data.TASKS, "toy", spec)
+    train_set, _ = tasks_data.load_task("toy", n_train=20, n_eval=10, seed=3)
+    spare = tasks_data.unused_train_examples("toy", 20, 10, 3, 640)
+    assert len(spare) == 50 and not {e["text"] for e in spare} & {e["text"] for e in train_set}
+    assert tasks_data.unused_train_examples("toy", None, 10, 3, 640) == []
+    out = tmp_path / "toy"
+    metrics = train(TrainConfig(out=str(out), task="toy", model=str(bert_dir), method="ts-lora", n_train=20, n_eval=10,
+                                seed=3, max_steps=8, warmup_steps=2, target_kept=0.5, batch_size=4, lr=1e-2,
+                                max_length=24, device="cpu"))
+    assert metrics["calibration_examples"] == 50
+    from tspeft.training.build import load_base
+    from tspeft.training.run_folder import load_adapter
+
+    base, tokenizer = load_base(str(bert_dir), "classification", 2)
+    model = load_adapter(base, out, "ts-lora")
+    model.reset_stats()
+    with torch.no_grad():
+        for example in spare:
+            ids = tokenizer(example["text"], truncation=True, max_length=24, return_tensors="pt")
+            model(**ids)
+    assert model.kept_fraction() == pytest.approx(0.5, abs=0.02)

@@ -255,6 +255,21 @@ def load_task(name: str, n_train: int | None = None, n_eval: int | None = None,
     return _select(train_pool, eval_pool, n_train, n_eval, seed, f"task {name}")
 
 
+def unused_train_examples(name: str, n_train: int | None, n_eval: int | None, seed: int, n: int) -> list[Example]:
+    """Up to ``n`` examples of the task's train pool that ``load_task(name, n_train, n_eval, seed)`` does not
+    train on (the next ones in its seed order); none when it trains on the whole pool. Their inputs, never their
+    labels, set the gates' thresholds at train end: r of examples the adapter fitted runs higher than on unseen
+    ones (docs/method.md, "Hitting the target in evaluation")."""
+    train_pool, eval_pool = get_task(name).loader()
+    if eval_pool is None:
+        train_pool, _ = split_examples(train_pool, n_eval, source=f"task {name}")
+    if n_train is None or n_train >= len(train_pool) or n <= 0:
+        return []
+    chosen = list(train_pool)
+    random.Random(seed).shuffle(chosen)
+    return [dict(example) for example in chosen[n_train:n_train + n]]
+
+
 # ----------------------------------------------------------------------------------------- users' own files
 @dataclass
 class UserData:

@@ -7,8 +7,9 @@
     τ rule's config (ramp included) is the model's own and is not changed here;
   * on_step_end (after each optimizer step, so once per step also under gradient accumulation):
     `model.update_thresholds()`;
-  * on_train_end: τ calibrated on eval-mode passes over `calibration_batches` training batches, so the eval
-    kept fraction matches the rule's allocation u (`TSPeftModel.calibrating_thresholds`);
+  * on_train_end: τ calibrated (`TSPeftModel.calibrate`, fixed-point rounds) on eval-mode passes over
+    `calibration_data` (examples not trained on) or else `calibration_batches` training batches, so the eval
+    kept fraction matches the rule's allocation u;
   * on every training log (the Trainer's `logging_steps`): adds `kept_fraction` (overall, real tokens,
     since the previous log) and `mean_tau` to the logs, so they show in the console/progress bar and in
     `trainer.state.log_history` (where the per-module dicts `kept_per_module`, `tau_per_module`,
@@ -37,6 +38,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..core.model import TSPeftModel
+from .defaults import DEFAULTS
 from .run_folder import TRAIN_LOG
 from .wrappers import unwrap_ts_model
 
@@ -52,11 +54,14 @@ class ThresholdCallback(TrainerCallback):
     """Steps the τ rule after each optimizer step and logs kept fraction / τ at each logging step."""
 
     def __init__(self, model: nn.Module | None = None, out_dir: str | os.PathLike | None = None,
-                 calibration_batches: int = 20):
+                 calibration_batches: int = DEFAULTS.calibration_batches, calibration_data: list | None = None):
         # `model`: the TSPeftModel (or a wrapper of it). None: taken from the Trainer's callback arguments.
         # `calibration_batches`: training batches run in eval mode at train end to set τ exactly (0: none).
+        # `calibration_data`: collated batches of examples not trained on, used instead when given (their r is
+        # what unseen inputs give; a fitted training example's runs higher).
         self.model = model
         self.calibration_batches = calibration_batches
+        self.calibration_data = calibration_data
         self.log_path = Path(out_dir) / TRAIN_LOG if out_dir is not None else None
         self._started = False
 
@@ -90,13 +95,18 @@ class ThresholdCallback(TrainerCallback):
         """Calibrate τ so evaluation keeps u: eval-mode passes over `calibration_batches` training batches with the
         final weights (docs/method.md, "Hitting the target in evaluation"). Every rank takes part (all-reduce)."""
         ts_model = self._ts_model(kwargs)
-        if ts_model is None or train_dataloader is None or not self.calibration_batches:
+        if ts_model is None or not self.calibration_batches:
+            return
+        if self.calibration_data:
+            batches = self.calibration_data
+        elif train_dataloader is not None:
+            batches = list(itertools.islice(train_dataloader, self.calibration_batches))
+        else:
             return
         model = kwargs.get("model") or ts_model
         device = next(ts_model.parameters()).device
         was_training = model.training
         model.eval()
-        batches = list(itertools.islice(train_dataloader, self.calibration_batches))
 
         def run_passes():
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16)):

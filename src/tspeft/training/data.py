@@ -26,6 +26,7 @@ from ..tasks.files import read_rows
 from ..tasks.kind import TaskKind
 from ..tasks.kinds import TASK_KINDS, get_kind, kind_for_columns, kind_for_path
 from ..tasks.labels import LabelSet
+from .defaults import DEFAULTS
 
 
 @dataclass
@@ -38,6 +39,9 @@ class TaskData:
     eval: list[dict[str, Any]]
     labels: LabelSet | None = None  # kinds with labels: class id -> label value and name (tspeft.tasks.labels)
     notes: list[str] = field(default_factory=list)
+    # Examples of the train pool the run does not train on (shipped tasks with --n-train below the pool): the
+    # gates' thresholds are calibrated on their inputs at train end (`fit`); empty: on training batches.
+    calibration: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def label_names(self) -> list[str] | None:
@@ -122,7 +126,10 @@ def _load_examples(cfg, labels: LabelSet | None, kind: str | TaskKind | None) ->
         if labels is not None and task_labels is not None and labels != task_labels:
             evaluation = [{**ex, "label": labels.translate(ex["label"], task_labels, f"task {cfg.task}")}
                           for ex in evaluation]
-        return TaskData(cfg.task, get_kind(spec.kind), train, evaluation, labels or task_labels)
+        calibration = tasks_data.unused_train_examples(cfg.task, cfg.n_train or None, cfg.n_eval, cfg.seed,
+                                                       DEFAULTS.calibration_examples) if train else []
+        return TaskData(cfg.task, get_kind(spec.kind), train, evaluation, labels or task_labels,
+                        calibration=calibration)
     task_kind = get_kind(kind) if kind else data_kind(cfg)
     columns = _role_columns(cfg, task_kind)
     if cfg.data is None:  # evaluation of a saved run on one file

@@ -70,6 +70,10 @@ class Defaults:
     logging_steps: int = 10
     weight_decay: float = 0.0
     token_mask_examples: int = 4
+    # τ calibration at train end (docs/method.md, "Hitting the target in evaluation"): on up to this many examples
+    # of the train pool the run does not train on, else on `calibration_batches` training batches.
+    calibration_examples: int = 640
+    calibration_batches: int = 20
     eval_batch_factor: int = 2  # eval batch = factor * train batch
 
 

@@ -106,8 +106,14 @@ def fit(model: nn.Module, tokenizer, task_data: TaskData, plan: TrainPlan, train
     features = kind.features(tokenizer, task_data.train, plan.max_length)
     # Trainer reads model.is_gradient_checkpointing through TSPeftModel's attribute forwarding: not our warning
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    trainer = TSTrainer(model=model, args=training_args, train_dataset=ListDataset(features),
-                        data_collator=kind.collator(tokenizer), callbacks=[ThresholdCallback(model, out_dir=out)])
+    collate = kind.collator(tokenizer)
+    calibration = None
+    if plan.gated and task_data.calibration:  # examples of the pool the run does not train on (data.py)
+        held_out = [{k: v for k, v in f.items() if k != "labels"}  # inputs only: τ needs no label
+                    for f in kind.features(tokenizer, task_data.calibration, plan.max_length)]
+        calibration = [collate(held_out[i:i + plan.batch_size]) for i in range(0, len(held_out), plan.batch_size)]
+    trainer = TSTrainer(model=model, args=training_args, train_dataset=ListDataset(features), data_collator=collate,
+                        callbacks=[ThresholdCallback(model, out_dir=out, calibration_data=calibration)])
     trainer.method = plan.method
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)

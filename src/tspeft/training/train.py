@@ -139,6 +139,8 @@ def run_metrics(cfg: TrainConfig, plan: TrainPlan, task_data: TaskData, fitted: 
         "warmup_steps_requested": plan.warmup_steps_requested if gated else None,
         "target_reached": plan.target_reached if gated else None,
         "ramp_steps": ts_model.ts_config.ramp_steps if gated else None,
+        # τ calibrated at train end on this many examples not trained on (0: on training batches)
+        "calibration_examples": len(task_data.calibration) if gated else None,
         "allocation": plan.allocation, "selection": plan.selection,
         "tau_per_module": taus,
         "mean_tau": (sum(taus.values()) / len(ts_model.gates)) if gated and ts_model.gates else None,
