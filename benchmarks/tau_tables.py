@@ -164,3 +164,45 @@ def diagnosis_section(paths: list[Path]) -> list[str]:
                      f"{record['accuracy']:.3f} | {record['eval_kept']:.3f} | {u_text} | {s['slope_mean']:.2e} | "
                      f"{s['slope_spread']:.2e} | {s['slope_error']:.2e} | {s['median_step']:.1e} |")
     return lines + [""]
+
+
+def calibration_section(paths: list[Path]) -> list[str]:
+    """Eval kept fraction per calibration variant (results/tau_calibration*.json, `benchmarks/tau_calibration.py`)."""
+    if not paths:
+        return ["No runs yet: `python benchmarks/tau_calibration.py --out benchmarks/results/tau_calibration.json`.",
+                ""]
+    lines = ["One run per arm, then from the same trained state each way of calibrating τ "
+             "(`benchmarks/tau_calibration.py`): on the training examples or on examples of the train pool the run "
+             "did not train on ('held-out'), one pass or fixed-point rounds (`TSPeftModel.calibrate`). Kept "
+             "fraction measured in eval mode on the eval set, on the training examples and on the held-out ones.",
+             "", "| run | arm | calibration | rounds | eval kept | on train | on held-out | accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        record = json.loads(path.read_text())
+        run = (f"{record['task']}, {record['n_train']} × {record['epochs']} ep, lr {record['lr']:g}, "
+               f"target {record['target_kept']}, seed {record['seed']}, commit {record['commit']}")
+        for r in record["records"]:
+            lines.append(f"| {run} | {r['arm']} | {r['variant']} | {r['rounds_run']} | {r['eval_kept']:.4f} | "
+                         f"{r['kept_on_train']:.4f} | {r['kept_on_held_out']:.4f} | {r['accuracy']:.3f} |")
+    return lines + [""]
+
+
+def lambda_section(records: list[dict]) -> list[str]:
+    """The loss-driven rule's λ → eval kept fraction and accuracy (results/lambda_sweep.json, controls.py with
+    `--kept none --rule '{"sparsity_weight": λ}'`)."""
+    rows = [r for r in records if r.get("kept") is None and r.get("rule", {}).get("target_kept") is None
+            and r["arm"] != "dense"]
+    if not rows:
+        return ["No runs yet: `python benchmarks/controls.py --kept none --arms learned --rule "
+                "'{\"sparsity_weight\": 1}' --results benchmarks/results/lambda_sweep.json`.", ""]
+    lines = ["Loss-driven mode (`target_kept=None`): a slice of a module's tokens is kept when its first-order "
+             "benefit per token is at least λ times the mean benefit per token of keeping every token "
+             "(docs/method.md). `benchmarks/controls.py --kept none`, learned allocation, τ calibrated after "
+             "training.", "", "| task, sizes | λ | seed | eval kept | discarded | accuracy | commit |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["task"], r["rule"]["sparsity_weight"], r["seed"])):
+        sizes = r["sizes"].split(" rule=")[0]
+        kept = r["kept_fraction"]
+        lines.append(f"| {r['task']} `{sizes}` | {r['rule']['sparsity_weight']:g} | {r['seed']} | {kept:.3f} | "
+                     f"{1 - kept:.3f} | {r['accuracy']:.3f} | {r['commit']} |")
+    return lines + [""]

@@ -222,3 +222,19 @@ def test_vision_section_regime_rule_and_paired_intervals():
     records.append(_vision_record("ts-lora", 0, 0.75, 0.31, target=0.3))
     text = "\n".join(vision.vision_section(records))
     assert "| 0.3 | 0.310 | 0.750 |" in text and "| 0.7 | 0.700 | 0.800 |" in text
+
+
+def test_tau_tables_render_calibration_and_lambda_records(tmp_path):
+    tables = _load("tau_tables")
+    record = {"task": "sst5", "n_train": 500, "epochs": 4, "lr": 2e-3, "target_kept": 0.5, "seed": 0, "commit": "c",
+              "records": [{"arm": "uniform", "variant": "held-out, rounds", "rounds_run": 2, "eval_kept": 0.495,
+                           "kept_on_train": 0.507, "kept_on_held_out": 0.5, "accuracy": 0.4}]}
+    (tmp_path / "tau_calibration.json").write_text(json.dumps(record))
+    text = "\n".join(tables.calibration_section([tmp_path / "tau_calibration.json"]))
+    assert "| uniform | held-out, rounds | 2 | 0.4950 | 0.5070 | 0.5000 | 0.400 |" in text
+    lam = {"task": "sst5", "arm": "learned", "seed": 0, "kept": None, "commit": "c",
+           "sizes": 'n_train=500 rule={"sparsity_weight": 1}', "rule": {"target_kept": None, "sparsity_weight": 1.0},
+           "kept_fraction": 0.4, "accuracy": 0.41}
+    text = "\n".join(tables.lambda_section([lam, {**lam, "arm": "dense"}]))
+    assert "| sst5 `n_train=500` | 1 | 0 | 0.400 | 0.600 | 0.410 | c |" in text and text.count("| sst5") == 1
+    assert "No runs yet" in tables.lambda_section([])[0]
