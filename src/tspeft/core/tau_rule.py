@@ -176,7 +176,9 @@ def shrink_to_pooled(curves: torch.Tensor, variances: torch.Tensor, weights: tor
     clearly keeps its own.
     """
     n = weights.clamp_min(1e-12).unsqueeze(-1)
-    per_token, pooled = curves / n, curves.sum(0, keepdim=True) / weights.sum().clamp_min(1e-12)
+    seen = (weights > 0).unsqueeze(-1)  # a module that saw no token this step keeps its old curve: not pooled
+    per_token = curves / n
+    pooled = torch.where(seen, curves, 0.0).sum(0, keepdim=True) / weights.sum().clamp_min(1e-12)
     deviation = (per_token - pooled).square().sum(-1)
     noise = (variances / n.square()).sum(-1)
     weight = (1 - noise / deviation.clamp_min(1e-300)).clamp(0.0, 1.0)
