@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +63,9 @@ def test_method_none_fits_the_probe_saves_and_evaluates(tmp_path, bert_dir):
     assert read_log(out)[0]["step"] == 0
     again = evaluate(EvalConfig(adapter=str(out), device="cpu"))
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+    from tspeft.analysis.report import write_report
+
+    assert Path(write_report(out)).is_file()  # `tspeft report` reads the probe's run like any other
 
 
 def test_pooled_classifier_freezes_the_encoder(tiny_bert):
