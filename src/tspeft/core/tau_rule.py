@@ -17,9 +17,9 @@ from every token's effect c_i = ⟨∂L/∂h_i, M(x_i)⟩ (loss change from keep
                       │           ‾‾‾──── u
                       0                 1
 
-One step (after `warmup_steps` with τ = 0), with F̂_m first pulled toward the pooled per-token curve as far as its
-noise says (`shrink_to_pooled`, from the running mean of F_m², so noise alone moves no budget) and then replaced
-by its lower convex hull on a grid of J segments:
+One step (after `warmup_steps` with τ = 0), with F̂_m (with `shrink_curves`: first pulled toward the pooled
+per-token curve as far as its noise says, `shrink_to_pooled`, from the running mean of F_m²) replaced by its lower
+convex hull on a grid of J segments:
 
     oracle u*:  target k_t:  take segments in increasing order of s_mj / N_m until Σ N_m u*_m = k_t Σ N_m
                 loss-driven: take every segment with −s_mj / N_m ≥ λ · |Σ_m F̂_m(1)| / Σ_m N_m   (λ relative)
