@@ -198,11 +198,13 @@ def lambda_section(records: list[dict]) -> list[str]:
     lines = ["Loss-driven mode (`target_kept=None`): a slice of a module's tokens is kept when its first-order "
              "benefit per token is at least λ times the mean benefit per token of keeping every token "
              "(docs/method.md). `benchmarks/controls.py --kept none`, learned allocation, τ calibrated after "
-             "training.", "", "| task, sizes | λ | seed | eval kept | discarded | accuracy | commit |",
-             "|---|---|---|---|---|---|---|"]
+             "training.", "",
+             "| task, sizes | λ | curve shrinkage, β | seed | eval kept | discarded | accuracy | commit |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["task"], r["rule"]["sparsity_weight"], r["seed"])):
         sizes = r["sizes"].split(" rule=")[0]
         kept = r["kept_fraction"]
-        lines.append(f"| {r['task']} `{sizes}` | {r['rule']['sparsity_weight']:g} | {r['seed']} | {kept:.3f} | "
-                     f"{1 - kept:.3f} | {r['accuracy']:.3f} | {r['commit']} |")
+        shrink = f"{'on' if r['rule'].get('shrink_curves') else 'off'}, {r['rule']['slope_momentum']:g}"
+        lines.append(f"| {r['task']} `{sizes}` | {r['rule']['sparsity_weight']:g} | {shrink} | {r['seed']} | "
+                     f"{kept:.3f} | {1 - kept:.3f} | {r['accuracy']:.3f} | {r['commit']} |")
     return lines + [""]

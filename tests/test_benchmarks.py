@@ -233,8 +233,10 @@ def test_tau_tables_render_calibration_and_lambda_records(tmp_path):
     text = "\n".join(tables.calibration_section([tmp_path / "tau_calibration.json"]))
     assert "| uniform | held-out, rounds | 2 | 0.4950 | 0.5070 | 0.5000 | 0.400 |" in text
     lam = {"task": "sst5", "arm": "learned", "seed": 0, "kept": None, "commit": "c",
-           "sizes": 'n_train=500 rule={"sparsity_weight": 1}', "rule": {"target_kept": None, "sparsity_weight": 1.0},
+           "sizes": 'n_train=500 rule={"sparsity_weight": 1}',
+           "rule": {"target_kept": None, "sparsity_weight": 1.0, "slope_momentum": 0.9},
            "kept_fraction": 0.4, "accuracy": 0.41}
     text = "\n".join(tables.lambda_section([lam, {**lam, "arm": "dense"}]))
-    assert "| sst5 `n_train=500` | 1 | 0 | 0.400 | 0.600 | 0.410 | c |" in text and text.count("| sst5") == 1
+    assert "| sst5 `n_train=500` | 1 | off, 0.9 | 0 | 0.400 | 0.600 | 0.410 | c |" in text
+    assert text.count("| sst5") == 1
     assert "No runs yet" in tables.lambda_section([])[0]
