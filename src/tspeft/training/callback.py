@@ -92,8 +92,9 @@ class ThresholdCallback(TrainerCallback):
             ts_model.update_thresholds()
 
     def on_train_end(self, args, state, control, train_dataloader=None, **kwargs):
-        """Calibrate τ so evaluation keeps u: eval-mode passes over `calibration_batches` training batches with the
-        final weights (docs/method.md, "Hitting the target in evaluation"). Every rank takes part (all-reduce)."""
+        """Calibrate τ so evaluation keeps u: eval-mode passes with the final weights over `calibration_data`
+        (examples not trained on), else over `calibration_batches` training batches, in fixed-point rounds
+        (`TSPeftModel.calibrate`; docs/method.md, "Hitting the target in evaluation"). Every rank takes part."""
         ts_model = self._ts_model(kwargs)
         if ts_model is None or not self.calibration_batches:
             return
