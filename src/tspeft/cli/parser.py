@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one adapter and evaluate it")
     _add_data_flags(p)
-    p.add_argument("--method", choices=METHODS, default="ts-lora", help="adaptation method (default ts-lora)")
+    p.add_argument("--method", choices=METHODS, default="ts-lora",
+                   help="adaptation method (default ts-lora); none: the frozen baseline (text classification: a "
+                        "probe fitted on the frozen model's pooled features; decoders: zero-/few-shot)")
     _add_train_flags(p)
     p.add_argument("--modules-from", metavar="IMPORTANCE.json", help="adapt only the top modules of this ranking "
                    "(written by `tspeft importance`)")
