@@ -61,6 +61,7 @@ ARMS = {  # arm -> (method, TokenSelectiveConfig overrides)
     "random": ("ts-lora", {"allocation": "uniform", "selection": "random"}),
 }
 KEYS = ("task", "arm", "seed", "kept", "sizes")
+CALIBRATED_ON_UNUSED = " calibrated-on-unused"  # sizes suffix of ts arms whose τ was calibrated on unused examples
 SST5_HELD_OUT = 2000  # the recorded sst5 runs hold out 2,000 sentences (the shipped split would hold out a fifth)
 
 
@@ -215,6 +216,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="at most this many fixed-point rounds of τ calibration (1: one pass, as before)")
 
 
+def calibration_suffix(args) -> str:
+    """What a ts arm's sizes say about τ's calibration: nothing for the first records' (their training examples, one
+    pass), so that runs calibrated another way are new runs, not repeats (tau_tables strips the suffix)."""
+    if not args.calibrate:
+        return " uncalibrated"
+    return CALIBRATED_ON_UNUSED if args.calibrate_on == "unused" else ""
+
+
 def kept_or_none(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
@@ -238,7 +247,7 @@ def main(argv=None) -> None:
         for arm in arms:
             dense = arm in ("probe", "dense")
             key = {"task": args.task, "arm": arm, "seed": seed, "kept": None if dense else args.kept,
-                   "sizes": sizes_of(args) + ("" if args.calibrate or arm in ("probe", "dense") else " uncalibrated")}
+                   "sizes": sizes_of(args) + ("" if dense else calibration_suffix(args))}
             if arm == "probe":
                 key["sizes"] = f"n_train={args.n_train} n_eval={args.n_eval} max_length={args.max_length}"
             if any(all(r.get(k) == key[k] for k in KEYS) for r in records):

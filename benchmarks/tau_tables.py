@@ -17,6 +17,22 @@ PAIRS = [("learned", "dense"), ("uniform", "dense"), ("random", "dense"), ("lear
          ("learned", "random")]
 TS_ARMS = ("learned", "uniform", "random")
 REGIME_MARGIN = 0.05
+# How a ts arm's τ was calibrated, from the suffix controls.py adds to its sizes ("": training examples, one pass).
+CALIBRATIONS = {"uncalibrated": " uncalibrated", "unused": " calibrated-on-unused"}
+CALIBRATION_LABELS = {"": "", "uncalibrated": " (uncalibrated τ)", "unused": " (τ calibrated on unused examples)"}
+
+
+def calibration_of(record: dict) -> str:
+    """"", "uncalibrated" or "unused": from the sizes suffix, or the record's "calibration" field (written by
+    controls.py since --calibrate-on; the first such records' sizes have no suffix)."""
+    how = next((name for name, suffix in CALIBRATIONS.items() if record["sizes"].endswith(suffix)), "")
+    return how or ("unused" if str(record.get("calibration", "")).startswith("unused") else "")
+
+
+def setting_of(sizes: str) -> str:
+    """The sizes of a run without its calibration suffix: the setting its dense reference shares."""
+    how = next((name for name, suffix in CALIBRATIONS.items() if sizes.endswith(suffix)), "")
+    return sizes[:-len(CALIBRATIONS[how])] if how else sizes
 
 
 def interval(differences: list[float]) -> str:
@@ -44,12 +60,12 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def arm_rows(arms: dict) -> list[str]:
     rows = ["| arm | kept target | accuracy (mean ± std over seeds) | eval kept | seeds |", "|---|---|---|---|---|"]
-    for (arm, kept, raw), seeds in sorted(arms.items(), key=lambda item: (str(item[0][1]), item[0][0], item[0][2])):
+    for (arm, kept, how), seeds in sorted(arms.items(), key=lambda item: (str(item[0][1]), item[0][0], item[0][2])):
         accuracy = [r["accuracy"] for r in seeds.values()]
         kept_eval = [r["kept_fraction"] for r in seeds.values() if r.get("kept_fraction") is not None]
         spread = f" ± {statistics.stdev(accuracy):.3f}" if len(accuracy) > 1 else ""
         kept_text = f"{statistics.fmean(kept_eval):.3f}" if kept_eval else "–"
-        rows.append(f"| {arm}{' (uncalibrated τ)' if raw else ''} | {kept if kept is not None else '–'} | "
+        rows.append(f"| {arm}{CALIBRATION_LABELS[how]} | {kept if kept is not None else '–'} | "
                     f"{statistics.fmean(accuracy):.3f}{spread} | {kept_text} | {len(seeds)} |")
     return rows + [""]
 
@@ -76,18 +92,20 @@ def allocation_lines(learned: dict, kept: float) -> list[str]:
 def setting_lines(task: str, sizes: str, runs: list[dict], probes: list[float]) -> list[str]:
     arms: dict = defaultdict(dict)
     for r in runs:
-        arms[(r["arm"], r.get("kept"), "uncalibrated" in r["sizes"])][r["seed"]] = r
+        arms[(r["arm"], r.get("kept"), calibration_of(r))][r["seed"]] = r
     lines = [f"### {task} (`{sizes}`)", ""]
     if probes:
-        arms[("probe", None, False)] = {i: {"accuracy": a} for i, a in enumerate(probes)}
+        arms[("probe", None, "")] = {i: {"accuracy": a} for i, a in enumerate(probes)}
     lines += arm_rows(arms)
-    dense = arms.get(("dense", None, False), {})
+    dense = arms.get(("dense", None, ""), {})
     if probes and dense:
         margin = statistics.fmean(r["accuracy"] for r in dense.values()) - statistics.fmean(probes)
         verdict = "in regime" if margin >= REGIME_MARGIN else "NOT in regime (flagged: excluded from claims)"
         lines += [f"Dense LoRA − probe: {100 * margin:+.1f} points: {verdict}.", ""]
     for kept in sorted({k for (_, k, _) in arms if k is not None}):
-        table = {"dense": dense, **{arm: arms.get((arm, kept, False), {}) for arm in TS_ARMS}}
+        # pairs from the newest calibration an arm has (unused examples), else the first records' way
+        table = {"dense": dense, **{arm: arms.get((arm, kept, "unused")) or arms.get((arm, kept, ""), {})
+                                    for arm in TS_ARMS}}
         rows = []
         for a, b in PAIRS:
             common = sorted(set(table[a]) & set(table[b]))
@@ -111,7 +129,7 @@ def controls_section(records: list[dict]) -> list[str]:
     by_setting = defaultdict(list)
     for r in records:
         if r["arm"] != "probe":
-            by_setting[(r["task"], r["sizes"].replace(" uncalibrated", ""))].append(r)
+            by_setting[(r["task"], setting_of(r["sizes"]))].append(r)
     for (task, sizes), runs in sorted(by_setting.items()):
         n_train = runs[0]["n_train"]
         probes = [r["accuracy"] for r in records if r["arm"] == "probe" and r["task"] == task

@@ -240,3 +240,18 @@ def test_tau_tables_render_calibration_and_lambda_records(tmp_path):
     assert "| sst5 `n_train=500` | 1 | off, 0.9 | 0 | 0.400 | 0.600 | 0.410 | c |" in text
     assert text.count("| sst5") == 1
     assert "No runs yet" in tables.lambda_section([])[0]
+
+
+def test_controls_tables_keep_calibration_variants_apart():
+    """Runs whose τ was calibrated on unused examples get their own row and are the ones paired with dense."""
+    tables = _load("tau_tables")
+    base = {"task": "t", "kept": 0.5, "n_train": 10, "sizes": "n_train=10"}
+    records = [{**base, "arm": "dense", "kept": None, "seed": s, "accuracy": 0.5, "kept_fraction": 1.0}
+               for s in (0, 1)]
+    records += [{**base, "arm": "learned", "seed": s, "accuracy": 0.4, "kept_fraction": 0.48} for s in (0, 1)]
+    records += [{**base, "arm": "learned", "seed": s, "accuracy": 0.6, "kept_fraction": 0.5,
+                 "sizes": "n_train=10 calibrated-on-unused"} for s in (0, 1)]
+    text = "\n".join(tables.controls_section(records))
+    assert "| learned | 0.5 | 0.400 ± 0.000 | 0.480 | 2 |" in text
+    assert "| learned (τ calibrated on unused examples) | 0.5 | 0.600 ± 0.000 | 0.500 | 2 |" in text
+    assert "| learned − dense | +10.0" in text and text.count("### t") == 1
