@@ -364,12 +364,13 @@ def main() -> None:
     out += ["## Accuracy vs kept fraction", ""] + sweep_section(sweep)
     out += ["## Which tokens are kept", ""] + token_section(quality)
     out += ["## Module importance: budgeted module selection", ""] + importance_section(load("importance.json"))
-    from tau_tables import calibration_section, controls_section, diagnosis_section, lambda_section
+    from tau_tables import calibration_section, controls_section, diagnosis_section, lambda_section, same_seed_lines
 
     out += ["## τ rule vs controls", ""] + controls_section(load("controls.json"))
     out += ["## τ rule diagnosis", ""] + diagnosis_section(sorted(RESULTS.glob("tau_trace_*.json")))
     out += ["## τ rule with curve shrinkage (β 0.97), calibrated on unused examples", ""] + \
-        controls_section(load("tau_rule_v2.json"))
+        controls_section(load("tau_rule_v2.json")) + \
+        same_seed_lines(load("tau_rule_v2.json"), load("controls.json"), "the default rule (controls.json)")
     out += ["## Hitting the target: τ calibration", ""] + calibration_section(sorted(RESULTS.glob("tau_calib*.json")))
     out += ["## Loss-driven rule: λ", ""] + lambda_section(load("lambda_sweep.json"))
     from vision_tables import vision_section

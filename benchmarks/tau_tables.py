@@ -226,3 +226,21 @@ def lambda_section(records: list[dict]) -> list[str]:
         lines.append(f"| {r['task']} `{sizes}` | {r['rule']['sparsity_weight']:g} | {shrink} | {r['seed']} | "
                      f"{kept:.3f} | {1 - kept:.3f} | {r['accuracy']:.3f} | {r['commit']} |")
     return lines + [""]
+
+
+def same_seed_lines(records: list[dict], reference: list[dict], label: str) -> list[str]:
+    """Spearman ρ of the learned per-module u between `records` and `reference` runs of the same task, sizes, kept
+    and seed (same examples, order and initialisation; only the rule's settings differ), against other seeds."""
+    def learned(rows):
+        return {(r["task"], setting_of(r["sizes"]), r["kept"], r["seed"]): r["allocation"] for r in rows
+                if r["arm"] == "learned" and r.get("allocation")}
+
+    mine, theirs = learned(records), learned(reference)
+    same = [spearman(*[[run[n] for n in sorted(run)] for run in (mine[k], theirs[k])]) for k in mine if k in theirs]
+    other = [spearman(*[[run[n] for n in sorted(run)] for run in (mine[a], theirs[b])])
+             for a in mine for b in theirs if a[:3] == b[:3] and a[3] != b[3]]
+    if not same:
+        return []
+    return [f"Learned u against {label}, same seed (same examples, order and initialisation): Spearman ρ mean "
+            f"{statistics.fmean(same):.2f} over {len(same)} seeds ({', '.join(f'{v:.2f}' for v in same)}); "
+            f"different seeds: {statistics.fmean(other):.2f} over {len(other)} pairs.", ""]

@@ -255,3 +255,14 @@ def test_controls_tables_keep_calibration_variants_apart():
     assert "| learned | 0.5 | 0.400 ± 0.000 | 0.480 | 2 |" in text
     assert "| learned (τ calibrated on unused examples) | 0.5 | 0.600 ± 0.000 | 0.500 | 2 |" in text
     assert "| learned − dense | +10.0" in text and text.count("### t") == 1
+
+
+def test_same_seed_lines_compare_allocations_of_one_seed_across_rules():
+    tables = _load("tau_tables")
+    u = {"a": 0.1, "b": 0.5, "c": 0.9}
+    run = {"task": "t", "arm": "learned", "kept": 0.5, "sizes": "n=1", "allocation": u}
+    mine = [{**run, "seed": 0}, {**run, "seed": 1, "allocation": {"a": 0.9, "b": 0.5, "c": 0.1}}]
+    reference = [{**run, "seed": 0, "sizes": "n=1 calibrated-on-unused"}, {**run, "seed": 1}]
+    line = tables.same_seed_lines(mine, reference, "ref")[0]
+    assert "mean 0.00 over 2 seeds (1.00, -1.00)" in line and "different seeds: 0.00 over 2 pairs" in line
+    assert tables.same_seed_lines(mine, [], "ref") == []
