@@ -141,7 +141,10 @@ class TSPeftModel(nn.Module):
         gate still had its old τ, is off for the deeper modules once the upstream τ move. Each round runs
         `run_passes()` (the same forward passes every round) with the τ of the previous round and sets τ again;
         it stops when every module kept within `tolerance` of its u during the round's passes (the τ in force
-        then already realised u), after `max_rounds` at most (docs/method.md, "Hitting the target")."""
+        then already realised u), or of what it kept in the previous round (a fixed point: the histogram's
+        resolution can leave a module a little off u for good), after `max_rounds` at most (docs/method.md,
+        "Hitting the target")."""
+        previous: dict[str, float | None] = {}
         for rounds in range(1, max_rounds + 1):
             self.reset_stats()
             with self.calibrating_thresholds(all_reduce):
@@ -150,6 +153,10 @@ class TSPeftModel(nn.Module):
             kept, allocated = self.kept_fractions(), self.allocated_kept()
             if all(v is None or abs(v - allocated[n]) <= tolerance for n, v in kept.items()):
                 break
+            if previous and all(v is None or previous[n] is None or abs(v - previous[n]) <= tolerance
+                                for n, v in kept.items()):
+                break
+            previous = kept
         self.reset_stats()
         return rounds
 
