@@ -131,7 +131,7 @@ def sync_report(record: dict) -> int:
         syncs = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
         report[name] = {"syncs": len(syncs), "where": sorted(set(syncs))}
     from_tspeft = [w for phase in ("forward_backward",) for w in report[phase]["where"]
-                   if w.split(":")[0] in ("gate.py", "attach.py", "model.py")]
+                   if w.split(":")[0] in ("gate.py", "attach.py", "variant.py", "tokens.py", "model.py")]
     record["phases"] = report
     return checked(record, {"no sync from tspeft's gate in forward+backward": not from_tspeft,
                             "the τ rule syncs at most once": report["update_thresholds"]["syncs"] <= 1})
@@ -206,7 +206,8 @@ def bnb_4bit(record: dict) -> int:
 
     set_peft_model_state_dict(reference, get_peft_model_state_dict(model.model))
     batch = llama_batch()
-    hooks = sorted({type(h).__name__ for h in model._hooks if not isinstance(h, torch.utils.hooks.RemovableHandle)})
+    hooks = sorted({type(h).__name__ for h in model._attachments
+                    if not isinstance(h, torch.utils.hooks.RemovableHandle)})  # 4-bit layers: the hook route
     with torch.no_grad():
         model.eval(), reference.eval()
         same_at_zero = torch.allclose(model(**batch).logits, reference(**batch).logits, atol=1e-3, rtol=1e-3)

@@ -34,7 +34,7 @@ def speed_run(tmp_path_factory):
 def test_speed_records(speed_run):
     records = json.loads(speed_run.read_text())
     assert {(r["phase"], r["method"]) for r in records} == {
-        ("train", "ts-lora"), ("train", "ts-dora"), ("inference", "lora-merged"),
+        ("train", "ts-lora"), ("train", "ts-dora"), ("train", "ts-adapter"), ("inference", "lora-merged"),
         ("inference", "ts-lora"), ("inference", "ts-lora-skip")}
     for r in records:
         assert REQUIRED <= set(r), REQUIRED - set(r)

@@ -19,6 +19,7 @@ import tspeft.core.attach as attach
 from models import MLP
 from tspeft import TokenSelectiveConfig, get_ts_peft_model
 from tspeft.core.tau_rule import histogram_quantiles, project_onto_budget
+from tspeft.core.variant import TokenSelectiveVariant
 
 
 # ----- reference definitions (the former per-module implementations) ------------------------------------------
@@ -28,7 +29,10 @@ def reference_quantile(histogram: torch.Tensor, q: float, log10_range: tuple[flo
         return 0.0
     lo, hi = log10_range
     width = (hi - lo) / histogram.numel()
-    cdf = torch.cumsum(histogram, 0) / total
+    cumulative = torch.cumsum(histogram, 0)
+    # Normalised by its own last value, so the cdf ends at exactly 1: with a separately summed total it can end one
+    # rounding step below 1, and q = 1 then lands in the last bin even when that bin and those before it are empty.
+    cdf = cumulative / cumulative[-1]
     q = min(max(q, 0.0), 1.0)
     index = int(torch.searchsorted(cdf, torch.tensor(q, dtype=cdf.dtype)).clamp(max=histogram.numel() - 1))
     before = float(cdf[index - 1]) if index > 0 else 0.0
@@ -109,11 +113,11 @@ def build(method: str, d: int = 16, bias: bool = True, seed: int = 0, dropout: f
 
 def with_output_difference_hooks(ts_model):
     """The same model gated by the generic definition: M = adapted − base, h = where(S, adapted, base)."""
-    for hooks in ts_model._hooks[:-1]:
+    for hooks in ts_model._attachments[:-1]:
         hooks.remove()
     base = ts_model.get_base_model()
-    ts_model._hooks = [attach.OutputDifferenceHooks(base.get_submodule(name), gate, ts_model.token_mask)
-                       for name, gate in ts_model.gates.items()] + ts_model._hooks[-1:]
+    ts_model._attachments = [attach.OutputDifferenceHooks(base.get_submodule(name), gate, ts_model.token_mask)
+                       for name, gate in ts_model.gates.items()] + ts_model._attachments[-1:]
     return ts_model
 
 
@@ -140,7 +144,7 @@ def median_thresholds(ts_model, x):
 def test_dora_gate_on_the_dora_module_equals_the_output_difference_gate(bias, padded):
     fast = build("dora", bias=bias).train()
     slow = with_output_difference_hooks(build("dora", bias=bias).train())
-    assert any(isinstance(h, attach.DoraUpdateHooks) for h in fast._hooks)
+    assert any(isinstance(h, TokenSelectiveVariant) for h in fast._attachments)
     x = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(1))
     median_thresholds(fast, x)
     slow.set_thresholds(fast.thresholds())
@@ -199,12 +203,12 @@ def test_lora_skip_path_equals_the_dense_masked_path(kept, dtype, monkeypatch):
         model.set_thresholds({n: (0.0 if kept >= 1 else
                                   (math.inf if kept <= 0 else float(r.float().quantile(1 - kept))))
                               for n, r in rs.items()})
-        monkeypatch.setattr(attach.LoraDownProjectionHooks, "skip_min_elements", 0)
-        monkeypatch.setattr(attach.LoraDownProjectionHooks, "skip_max_kept", 1.0)  # always skip
+        monkeypatch.setattr(TokenSelectiveVariant, "skip_min_elements", 0)
+        monkeypatch.setattr(TokenSelectiveVariant, "skip_max_kept", 1.0)  # always skip
         model.reset_stats()
         skipped = model(x)
         skipped_counts = {n: g.kept_counts.clone() for n, g in model.gates.items()}
-        monkeypatch.setattr(attach.LoraDownProjectionHooks, "skip_max_kept", -1.0)  # never skip
+        monkeypatch.setattr(TokenSelectiveVariant, "skip_max_kept", -1.0)  # never skip
         model.reset_stats()
         dense = model(x)
         dense_counts = {n: g.kept_counts.clone() for n, g in model.gates.items()}
@@ -215,7 +219,7 @@ def test_lora_skip_path_equals_the_dense_masked_path(kept, dtype, monkeypatch):
 
 
 def test_lora_skip_path_is_used_only_without_autograd(monkeypatch):
-    monkeypatch.setattr(attach.LoraDownProjectionHooks, "skip_min_elements", 0)
+    monkeypatch.setattr(TokenSelectiveVariant, "skip_min_elements", 0)
     model = build("lora", d=32).train()
     model.set_thresholds(math.inf)  # keeps nothing
     rows = []  # rows that reach peft's lora_B, per call
@@ -232,4 +236,4 @@ def test_lora_skip_path_is_used_only_without_autograd(monkeypatch):
     with torch.no_grad():
         model.eval()
         model(x)
-    assert rows == [1, 1]  # skip path: only the broadcast zero row, no kept row
+    assert rows == []  # kept-rows path with nothing kept: lora_B is not called (no broadcast zero row either)

@@ -115,10 +115,10 @@ def test_random_selection_keeps_the_expected_share_whatever_r_is(training):
     torch.manual_seed(0)
     small, large = torch.full((20000,), 1e-4), torch.full((20000,), 10.0)
     for r in (small, large, torch.cat([small, large])[torch.randperm(40000)]):
-        keep = gate(r, None)
+        keep = gate(r, None).keep
         assert keep.float().mean().item() == pytest.approx(0.3, abs=0.015)
     r = torch.cat([small, large])
-    keep = gate(r, None)  # kept share within each magnitude group too: selection ignores r
+    keep = gate(r, None).keep  # kept share within each magnitude group too: selection ignores r
     assert keep[:20000].float().mean().item() == pytest.approx(keep[20000:].float().mean().item(), abs=0.02)
 
 

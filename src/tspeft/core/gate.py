@@ -8,7 +8,10 @@
                                               (no gradient; τ is set by the τ rule, tau_rule.py)
 
 `TokenGate` decides S from the two per-token norms and keeps the statistics the τ rule needs; the
-hooks in attach.py feed it the norms and apply S. Only real (non-pad) tokens are counted.
+peft variant in variant.py (LoRA, DoRA) or the hooks in attach.py (other layers) feed it the norms and apply
+S. Only real (non-pad) tokens are counted. Per call: the counts in one fp32 matrix-vector product (added to
+fp64 totals), the bin of log10 r by one `bucketize` on fixed bin edges (shared by the r histogram and the
+c_i histogram of the backward pass), one fp64 index-add; no host-device sync.
 """
 
 from __future__ import annotations
@@ -36,6 +39,23 @@ class TokenCounts(NamedTuple):
 
 
 KEPT, REAL, R_SUM = range(len(TokenCounts._fields))  # positions in kept_counts
+R_MAX = 1e30  # the largest r: 1e30 × 3e8 tokens still fits fp32 (far above the histogram's range, 10^2 by default)
+
+
+class RuleTokens(NamedTuple):
+    """Where `TokenGate.record_changes` files each token's c_i: its r bin, and 1 / 0 for real / pad tokens (None:
+    every token is real)."""
+
+    bins: torch.Tensor
+    real: torch.Tensor | None
+
+
+class GateDecision(NamedTuple):
+    """`TokenGate.forward`: the keep mask S (bool, shape of r) and, while the τ rule collects statistics, the
+    tokens' `RuleTokens` (else None)."""
+
+    keep: torch.Tensor
+    rule_tokens: RuleTokens | None
 
 
 class TokenGate(nn.Module):
@@ -68,6 +88,7 @@ class TokenGate(nn.Module):
         self.calibrating = False  # TSPeftModel.calibrating_thresholds: r histograms also outside training
         self.record_keep_mask = False  # analysis: keep the last forward's mask in `last_keep_mask`
         self.last_keep_mask: torch.Tensor | None = None
+        self._bin_edges: dict[torch.device, torch.Tensor] = {}  # per device: fixed by the config, not saved
 
     def _apply(self, fn, recurse=True):
         # `.to(torch.bfloat16)` on the model must not round τ or token counts: only the device of these buffers
@@ -84,49 +105,61 @@ class TokenGate(nn.Module):
 
     @staticmethod
     def relative_magnitude(update_norm: torch.Tensor, base_norm: torch.Tensor) -> torch.Tensor:
-        """r = ‖M x‖ / ‖W0 x‖ in fp32; a zero base output gives r = 0 for a zero update, else a large finite r."""
+        """r = ‖M x‖ / ‖W0 x‖ in fp32; a zero base output gives r = 0 for a zero update, else a large finite r (at most
+        R_MAX, so Σ r over any batch stays finite in fp32); NaN (a NaN update) gives 0."""
         tiny = torch.finfo(torch.float32).tiny
         r = update_norm.float() / base_norm.float().clamp_min(tiny)
-        return torch.nan_to_num(r, nan=0.0, posinf=torch.finfo(torch.float32).max)
+        return torch.nan_to_num(r.clamp_max_(R_MAX), nan=0.0)
 
-    def forward(self, r: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-        """Return the keep mask S (bool, shape of r) and record statistics over real tokens."""
+    def forward(self, r: torch.Tensor, real: torch.Tensor | None) -> GateDecision:
+        """Decide S from r and record statistics over real tokens (`real`: bool mask of r's shape, None: all)."""
         if self.config.selection == "random":  # the control: kept with probability u whatever r is (no host sync)
             keep = torch.rand(r.shape, device=r.device) < self.allocated_kept
         else:
             keep = r >= self.tau
         if self.record_keep_mask:
             self.last_keep_mask = keep.detach().cpu()
-        if torch._C._current_graph_task_id() != -1:
-            return keep  # recomputation inside backward (activation checkpointing): already counted
+        # Recomputation inside backward (activation checkpointing): already counted, but reentrant checkpointing
+        # backpropagates through the recomputed graph, whose c_i hook needs the tokens' bins.
+        # (Not under torch.compile, which traces no recomputation here and cannot trace this call.)
+        recomputing = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
         with torch.no_grad():  # weighted sums, not boolean indexing: no host-device sync on GPUs
-            r64 = r.reshape(-1).double()
-            weight = torch.ones_like(r64) if real is None else real.reshape(-1).to(torch.float64)
-            # (Σ kept·w, Σ w, Σ r·w) in one matrix-vector product (w is 0/1, so Σ w·w = Σ w).
-            sums = weight @ torch.stack((keep.reshape(-1).to(torch.float64), weight, r64), 1)
-            self.kept_counts.add_(sums)
-            if (self.training and self.collect_rule_stats) or self.calibrating:
-                self.r_histogram.scatter_add_(0, self.bin_of(r), weight)
-        return keep
+            flat_r = r.reshape(-1).float()
+            weight = torch.ones_like(flat_r) if real is None else real.reshape(-1).float()
+            if not recomputing:
+                # (Σ kept·w, Σ w, Σ r·w) in one fp32 matrix-vector product (w is 0/1, so Σ w·w = Σ w; counts are
+                # exact below 2^24 tokens per call), added to the fp64 totals.
+                self.kept_counts.add_(weight @ torch.stack((keep.reshape(-1).float(), weight, flat_r), 1))
+            if not ((self.training and self.collect_rule_stats) or self.calibrating):
+                return GateDecision(keep, None)
+            tokens = RuleTokens(self.bin_of(flat_r), None if real is None else weight)
+            if not recomputing:
+                self.r_histogram.index_add_(0, tokens.bins, self._histogram_weight(tokens))
+        return GateDecision(keep, tokens)
 
     def bin_of(self, r: torch.Tensor) -> torch.Tensor:
-        """Histogram bin of log10 r for every token (flat; values outside the range go to the end bins)."""
-        lo, hi = self.config.log10_r_range
-        bins = self.config.histogram_bins
-        log_r = torch.log10(r.reshape(-1).clamp(min=10**lo, max=10**hi))
-        return ((log_r - lo) * (bins / (hi - lo))).long().clamp_(0, bins - 1)
+        """Histogram bin of log10 r for every token (flat; values outside the range go to the end bins): bin j
+        holds lo + j·w ≤ log10 r < lo + (j + 1)·w, w = (hi − lo) / bins, found by one `bucketize`."""
+        edges = self._bin_edges.get(r.device)
+        if edges is None:
+            lo, hi = self.config.log10_r_range
+            bins = self.config.histogram_bins
+            exponents = torch.linspace(lo, hi, bins + 1, dtype=torch.float64, device=r.device)[1:-1]
+            edges = self._bin_edges[r.device] = torch.pow(10.0, exponents).float()  # once per device
+        return torch.bucketize(r.reshape(-1).float(), edges, right=True, out_int32=True)  # int32: kept for backward
 
-    def rule_tokens(self, r: torch.Tensor, real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bin of each token, 1 for real tokens / 0 for padding): where `record_changes` files each c_i."""
-        weight = torch.ones(r.numel(), dtype=torch.float64, device=r.device) if real is None \
-            else real.reshape(-1).to(torch.float64)
-        return self.bin_of(r), weight
+    def _histogram_weight(self, tokens: RuleTokens) -> torch.Tensor:
+        if tokens.real is None:  # every token real: a stride-0 view, nothing allocated
+            return self.r_histogram.new_ones(()).expand(tokens.bins.shape[0])
+        return tokens.real.double()
 
-    def record_changes(self, loss_changes: torch.Tensor, tokens: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def record_changes(self, loss_changes: torch.Tensor, tokens: RuleTokens) -> None:
         """Add c_i = ⟨∂L/∂h_i, M(x_i)⟩ (the first-order loss change from keeping token i, for every token, kept or
-        not) to the bin of its r; `tokens` comes from `rule_tokens`. A scatter-add: no host-device sync."""
-        index, weight = tokens
-        self.change_histogram.scatter_add_(0, index, loss_changes.reshape(-1).double() * weight)
+        not) to the bin of its r; `tokens` comes from `forward`. An index-add: no host-device sync."""
+        changes = loss_changes.reshape(-1).double()
+        if tokens.real is not None:
+            changes = changes * tokens.real.double()
+        self.change_histogram.index_add_(0, tokens.bins, changes)
 
     def clear_rule_stats(self) -> None:
         self.r_histogram.zero_()

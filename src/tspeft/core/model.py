@@ -26,10 +26,11 @@ from torch import nn
 
 from . import io
 from .adapter import BottleneckConfig, inject_bottleneck_adapters
-from .attach import TokenMask, attach_gate, is_gateable
+from .attach import attach_gate, is_gateable
 from .config import TokenSelectiveConfig
 from .gate import GATE_ADDED_LATER, GATE_SAVED, LEGACY_STATE_NAMES, RETIRED_GATE_BUFFERS, TokenCounts, TokenGate
 from .tau_rule import CHANGES, calibrate_thresholds, update_thresholds
+from .tokens import TokenMask
 
 
 def get_ts_peft_model(model: nn.Module, peft_config: LoraConfig | BottleneckConfig,
@@ -58,17 +59,17 @@ class TSPeftModel(nn.Module):
         self.token_mask = TokenMask()
         self._mask_pinned = False
         self.gates: dict[str, TokenGate] = {}
-        self._hooks = []
+        self._attachments = []
         inner = self.get_base_model()
         for name, module in inner.named_modules():
             if is_gateable(module):
                 gate = TokenGate(ts_config).to(next(module.parameters()).device)
                 module.ts_gate = gate  # a child module, so τ and the rule state show up in state_dict()
                 self.gates[name] = gate
-                self._hooks.append(attach_gate(module, gate, self.token_mask))
+                self._attachments.append(attach_gate(module, gate, self.token_mask))
         # Every call of the inner model sets the mask (None without attention_mask). It is not cleared after
         # the forward: reentrant activation checkpointing re-runs the layers during backward and needs it.
-        self._hooks.append(inner.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+        self._attachments.append(inner.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
 
     # ----- real-token mask -------------------------------------------------------------------------------------
     def _set_mask(self, mask: torch.Tensor | None) -> None:
@@ -109,12 +110,12 @@ class TSPeftModel(nn.Module):
 
     # ----- the τ rule and statistics ---------------------------------------------------------------------------
     def update_thresholds(self, all_reduce=None) -> None:
-        """One τ-rule step (call after each optimizer step). Under torch.distributed, statistics are summed over
-        ranks."""
+        """One τ-rule step (call after each optimizer step; one host-device sync on a GPU). Under torch.distributed,
+        statistics are summed over ranks."""
         self.rule_step += 1
         if all_reduce is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             all_reduce = _distributed_rule_statistics
-        update_thresholds(list(self.gates.values()), self.ts_config, int(self.rule_step), all_reduce)
+        update_thresholds(list(self.gates.values()), self.ts_config, self.rule_step, all_reduce)  # read once
 
     @contextlib.contextmanager
     def calibrating_thresholds(self, all_reduce=None) -> Iterator[None]:
@@ -221,9 +222,9 @@ class TSPeftModel(nn.Module):
         return self.model.merge_and_unload()
 
     def _remove_gates(self) -> None:
-        for hooks in self._hooks:
-            hooks.remove()
-        self._hooks = []
+        for attachment in self._attachments:
+            attachment.remove()
+        self._attachments = []
         for name in self.gates:
             del self.get_base_model().get_submodule(name).ts_gate
         self.gates = {}
