@@ -29,8 +29,9 @@ MODEL, TASK = "efficientnet-lite0", "fashion_mnist"
 # 32×32 inputs (Fashion-MNIST is 28×28), 3,000 training images, 1,000 eval images (a fixed subset of the test
 # set). Adapters: 1 epoch = 94 optimizer steps of 32 at lr 5e-3. The frozen baseline (the linear probe: the head
 # alone) gets 5 epochs at lr 1e-2, so that it is fitted, not cut short: it is the bar dense LoRA must clear by 5
-# points. Time: meant as about an hour for the grid on 2 free cores (from one early timing, not a measurement); on the
-# shared development machine (load ~15 on 2 cores) a LoRA run took ~20 min, so there only seed 0 fitted.
+# points. Time: RESULTS.md's Vision section sums the runs' recorded train and eval seconds; on 2 quiet cores the
+# grid and the sweep take minutes, far below the hour the suite may use (on a heavily shared machine, load ~15,
+# one LoRA run took ~20 min instead).
 SIZES = ["--n-train", "3000", "--n-eval", "1000", "--image-size", "32"]
 METHODS = ["none", "lora", "ts-lora", "dora", "ts-dora"]
 ADAPTER_FLAGS = ["--epochs", "1", "--lr", "5e-3"]

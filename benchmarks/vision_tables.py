@@ -129,8 +129,9 @@ def vision_section(records: list[dict]) -> list[str]:
              f"{first['machine']}; commit "
              f"{', '.join(sorted({str(r['commit']) for r in records}))}. Majority class: "
              f"{first['majority_accuracy']:.3f}.", ""]
-    total = sum(r["train_seconds"] for r in records)
-    lines += [f"{len(records)} runs, {total / 60:.0f} min of training in all (wall clock on a shared, loaded "
-              "machine: not a speed measurement).", ""]
+    train = sum(r["train_seconds"] for r in records)
+    evaluation = sum(r.get("eval_seconds") or 0.0 for r in records)
+    lines += [f"{len(records)} runs: {train / 60:.1f} min of training and {evaluation / 60:.1f} min of evaluation "
+              "in all (the runs' own wall-clock seconds; speed claims are SPEED.md's).", ""]
     regime, in_regime = regime_line(grid)
     return lines + grid_table(grid) + regime + pairs_table(grid, in_regime) + sweep_table(records)
