@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     for m in sorted(machines):
         info = json.loads(m)
         out.append(f"Machine: {info.get('device_name')} ({info.get('device')}), {info.get('cpu_count')} CPUs, "
-                   f"{info.get('torch_threads')} torch threads, torch {info.get('torch')}, {info.get('platform')}.")
+                   f"{info.get('torch_threads')} torch threads, torch {info.get('torch')}, {info.get('platform')}; "
+                   f"code at commit {info.get('commit', 'not recorded')}.")
     if any(r.get("quick") for r in records):
         out.append("This was a `--quick` run (fewer sizes and repeats).")
     if dropped:
