@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         out = run_folder(args.runs_dir, method, seed, kept)
         flags = [*SIZES, *FLAGS[method], *(["--target-kept", kept] if kept else [])]
         tspeft_main(["train", "--task", TASK, "--model", MODEL, "--method", method, "--seed", str(seed),
-                     "--out", str(out), "--device", args.device, "--no-report", *flags])
+                     "--out", str(out), "--overwrite", "--device", args.device, "--no-report", *flags])
         record = record_of(json.loads((out / "metrics.json").read_text()), target, flags)
         records.append(record)
         save_records(results, records)
