@@ -55,8 +55,8 @@ def main(run_dir: str = "runs/main") -> None:
     image = ROOT / "docs" / "images" / "main_tokens.png"
     image.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ts_run / "report" / "tokens_0.png", image)
-    block = (f"Output of the main command above, measured on 2 CPU cores (train seconds are "
-             f"wall-clock and were disturbed by other work on the machine; written by `scripts/readme_figures.py` "
+    block = (f"Output of the main command above, measured on 2 CPU cores (train seconds are the runs' own "
+             f"wall clock, not a speed measurement: see SPEED.md; written by `scripts/readme_figures.py` "
              f"from `{run_dir}/compare.md`):\n\n{heading_and_table}\n\n"
              f"Which tokens each layer updated, first eval example of `{ts_run.relative_to(ROOT)}` "
              f"(from its report):\n\n![token heatmap](docs/images/main_tokens.png)")
