@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from test_vision_data import make_image_folder, write_idx
+from test_vision_data import make_image_folder, use_generated_fashion_mnist
 from tspeft.cli.main import main
 from tspeft.tasks import image_data
 
@@ -89,13 +88,7 @@ def test_explicit_kind_and_linear_probe(tmp_path, resnet_dir, folders):
 
 
 def test_fashion_mnist_task_on_generated_files(tmp_path, resnet_dir, monkeypatch):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 20), ("test", 10)):
-        images_file, labels_file = image_data.FASHION_MNIST_FILES[split]
-        write_idx(tmp_path / images_file, rng.integers(0, 256, (n, 28, 28)), 0x803)
-        write_idx(tmp_path / labels_file, np.arange(n) % 10, 0x801)
-    monkeypatch.setenv("TSPEFT_FASHION_MNIST", str(tmp_path))
-    image_data.fashion_mnist.cache_clear()
+    use_generated_fashion_mnist(tmp_path, monkeypatch, n_train=20, n_test=10, seed=0)
     out = tmp_path / "fm"
     try:
         assert main(["train", "--task", "fashion_mnist", "--model", str(resnet_dir), "--method", "lora",

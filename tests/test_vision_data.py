@@ -117,14 +117,19 @@ def write_idx(path, array: np.ndarray, magic: int) -> None:
         handle.write(header + array.astype(np.uint8).tobytes())
 
 
-def test_fashion_mnist_reader_on_generated_idx_files(tmp_path, monkeypatch):
-    rng = np.random.default_rng(1)
-    for split, n in (("train", 6), ("test", 4)):
+def use_generated_fashion_mnist(folder, monkeypatch, n_train: int, n_test: int, seed: int) -> None:
+    """Random 28×28 images with labels 0, 1, 2, ... in Fashion-MNIST's idx files, read from `folder`."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
         images_file, labels_file = image_data.FASHION_MNIST_FILES[split]
-        write_idx(tmp_path / images_file, rng.integers(0, 256, (n, 28, 28)), 0x803)
-        write_idx(tmp_path / labels_file, np.arange(n) % 10, 0x801)
-    monkeypatch.setenv("TSPEFT_FASHION_MNIST", str(tmp_path))
+        write_idx(folder / images_file, rng.integers(0, 256, (n, 28, 28)), 0x803)
+        write_idx(folder / labels_file, np.arange(n) % 10, 0x801)
+    monkeypatch.setenv("TSPEFT_FASHION_MNIST", str(folder))
     image_data.fashion_mnist.cache_clear()
+
+
+def test_fashion_mnist_reader_on_generated_idx_files(tmp_path, monkeypatch):
+    use_generated_fashion_mnist(tmp_path, monkeypatch, n_train=6, n_test=4, seed=1)
     try:
         train, evaluation = image_data.fashion_mnist()
     finally:
