@@ -125,7 +125,8 @@ def controls_section(records: list[dict]) -> list[str]:
     lines = ["MiniLM-L6 + LoRA r=8 (plain AdamW loop, `benchmarks/controls.py`); the ts arms at the same kept target, "
              "τ calibrated in eval mode after training. probe: logistic regression on the frozen mean-pooled "
              "embeddings (L-BFGS to convergence, L2 chosen on a held-out fifth of the training examples). "
-             "Machine: the shared 2-core development CPU (times are not comparable).", ""]
+             f"Machine (from the records): {'; '.join(sorted({str(r.get('machine')) for r in records}))}; times "
+             "are not comparable across runs.", ""]
     by_setting = defaultdict(list)
     for r in records:
         if r["arm"] != "probe":
