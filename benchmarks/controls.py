@@ -89,6 +89,16 @@ def unused_examples(task: str, n_train: int, n_eval: int, seed: int, n: int) -> 
     return pool[n_train:n_train + n]
 
 
+def development_split(task_data: TaskData, args, seed: int) -> TaskData:
+    """`task_data` with n_eval train-pool examples the run neither trains nor calibrates on as its eval set."""
+    spare = unused_examples(task_data.name, len(task_data.train), len(task_data.eval), seed,
+                            args.calibration_examples + args.n_eval)[args.calibration_examples:]
+    if len(spare) < args.n_eval:
+        raise SystemExit(f"--dev: the {task_data.name} train pool has only {len(spare)} examples left for a "
+                         f"development split of {args.n_eval}; lower --n-eval or --n-train")
+    return TaskData(task_data.name, task_data.kind, task_data.train, spare, task_data.labels)
+
+
 def features_and_collator(task_data: TaskData, tokenizer, examples: list[dict], max_length: int):
     return task_data.kind.features(tokenizer, examples, max_length), task_data.kind.collator(tokenizer)
 
@@ -238,16 +248,22 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", default="probe,dense,learned,uniform,random")
     parser.add_argument("--regime", action="store_true", help="only the probe and dense LoRA")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"result file (default {RESULTS})")
+    parser.add_argument("--dev", action="store_true",
+                        help="evaluate on a development split instead of the eval set: n_eval examples of the train "
+                             "pool after the calibration examples (for choosing rule settings; use its own --results)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     arms = ["probe", "dense"] if args.regime else args.arms.split(",")
     records = json.loads(args.results.read_text()) if args.results.exists() else []
     for seed in [int(s) for s in args.seeds.split(",")]:
         task_data = task_examples(args.task, args.n_train, args.n_eval, seed)
+        if args.dev:
+            task_data = development_split(task_data, args, seed)
         for arm in arms:
             dense = arm in ("probe", "dense")
             key = {"task": args.task, "arm": arm, "seed": seed, "kept": None if dense else args.kept,
-                   "sizes": sizes_of(args) + ("" if dense else calibration_suffix(args))}
+                   "sizes": sizes_of(args) + ("" if dense else calibration_suffix(args))
+                   + (" dev" if args.dev else "")}
             if arm == "probe":
                 key["sizes"] = f"n_train={args.n_train} n_eval={args.n_eval} max_length={args.max_length}"
             if any(all(r.get(k) == key[k] for k in KEYS) for r in records):

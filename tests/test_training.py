@@ -212,6 +212,19 @@ def test_trainer_save_model_writes_the_adapter(tmp_path, tiny_bert):
     assert set(reloaded.thresholds().values()) == {0.25}
 
 
+def test_calibration_examples_stop_at_the_token_budget():
+    """Calibration takes examples until their real tokens reach the budget, counting padding out and every choice
+    of a multiple-choice feature in; labels are dropped (τ needs inputs only)."""
+    from tspeft.training.fit import calibration_features
+
+    features = [{"input_ids": [1] * 6, "attention_mask": [1] * 4 + [0] * 2, "labels": 0} for _ in range(10)]
+    chosen = calibration_features(features, token_budget=10)
+    assert len(chosen) == 3 and all("labels" not in f for f in chosen)  # 4 + 4 < 10 ≤ 12
+    choices = [{"input_ids": [[1, 1], [1, 1, 1]], "attention_mask": [[1, 1], [1, 1, 1]], "labels": 1}] * 4
+    assert len(calibration_features(choices, token_budget=10)) == 2  # 5 tokens per feature
+    assert len(calibration_features(features, token_budget=10**6)) == 10
+
+
 def test_shipped_task_run_calibrates_on_pool_examples_it_does_not_train_on(tmp_path, bert_dir, monkeypatch):
     """With --n-train below the pool, τ is calibrated on the next pool examples (inputs only), none of which
     the run trains on; evaluated on them the way eval runs, they keep the target."""

@@ -43,6 +43,10 @@ class TokenSelectiveConfig:
     # (empirical Bayes, tau_rule.shrink_to_pooled), so noise alone does not move budget between modules. Off by
     # default: on sst5 it did not make the allocation more reproducible across seeds (docs/method.md).
     shrink_curves: bool = False
+    # κ (target mode, learned allocation): price of moving a module's kept fraction away from the target, relative
+    # to the mean benefit per token; the oracle minimises Σ_m N_m [F̂_m(u_m)/N_m + κ·b̄/2 (u_m − k)²] (a proximal
+    # prior toward the uniform allocation). 0: the plain water-filling oracle; large: uniform.
+    allocation_prior: float = 0.0
     # Resolution of the loss-vs-kept curve: segments of width 1/curve_points in kept fraction.
     curve_points: int = 20
     # Lower bound on each module's kept fraction u, so no module is switched off entirely.
@@ -87,6 +91,8 @@ class TokenSelectiveConfig:
         self.log10_r_range = (float(lo_hi[0]), float(lo_hi[1]))
         require(isinstance(self.histogram_bins, int) and self.histogram_bins >= 16, "histogram_bins",
                 "must be an int >= 16")
+        require(finite(self.allocation_prior) and self.allocation_prior >= 0, "allocation_prior",
+                "must be finite and >= 0")
         require(isinstance(self.shrink_curves, bool), "shrink_curves", "must be true or false")
         require(self.allocation in ALLOCATIONS, "allocation", f"must be one of {', '.join(ALLOCATIONS)}")
         require(self.selection in SELECTIONS, "selection", f"must be one of {', '.join(SELECTIONS)}")

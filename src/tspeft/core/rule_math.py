@@ -104,6 +104,8 @@ def allocation_oracle(slopes: np.ndarray, weights: np.ndarray, config: TokenSele
     cost = np.broadcast_to(weights[:, None] / points, density.shape)
     if target is None:
         return (-density >= config.sparsity_weight * mean_benefit).sum(-1) / points
+    if config.allocation_prior > 0:
+        return prior_oracle(density, weights, target, config.allocation_prior * max(mean_benefit, 1e-300))
     flat, flat_cost = density.ravel(), cost.ravel()
     order = np.argsort(flat, kind="stable")
     spent = np.cumsum(flat_cost[order])
@@ -114,6 +116,27 @@ def allocation_oracle(slopes: np.ndarray, weights: np.ndarray, config: TokenSele
     rest = budget - float((cost * below).sum())
     share = min(1.0, max(0.0, rest / max(float((cost * tied).sum()), 1e-12)))
     return (below + share * tied).sum(-1) / points
+
+
+def prior_oracle(density: np.ndarray, weights: np.ndarray, target: float, mu: float) -> np.ndarray:
+    """argmin Σ_m N_m [f_m(u_m) + μ/2 (u_m − k)²] s.t. Σ_m N_m u_m = k Σ_m N_m, f_m piecewise linear and convex
+    with per-token slopes `density` (modules, J) on the grid j/J. For a multiplier ν each module's minimiser is
+    u_m(ν) = Σ_j clip(t_mj − j/J, 0, 1/J) with t_mj = k − (d_mj + ν)/μ (segment j is filled as far as the
+    quadratic lets it); Σ N u(ν) falls monotonically in ν, so ν comes from bisection."""
+    points = density.shape[-1]
+    left = np.arange(points) / points
+    share = weights / max(float(weights.sum()), 1e-300)
+    finite = np.where(np.isfinite(density), density, 0.0)
+
+    def allocation(nu: float) -> np.ndarray:
+        reach = target - (density + nu) / mu  # -inf density (forced segments) reaches +inf: always filled
+        return np.clip(reach - left, 0.0, 1.0 / points).sum(-1)
+
+    low, high = -float(finite.max()) - 2 * mu, -float(finite.min()) + 2 * mu  # u(low) = 1, u(high) = 0 (unforced)
+    for _ in range(100):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if float(share @ allocation(middle)) > target else (low, middle)
+    return allocation(0.5 * (low + high))
 
 
 def shrink_to_pooled(curves: np.ndarray, variances: np.ndarray, weights: np.ndarray) -> np.ndarray:

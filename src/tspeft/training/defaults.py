@@ -80,6 +80,7 @@ class Defaults:
     # τ calibration at train end (docs/method.md, "Hitting the target in evaluation"): on up to this many examples
     # of the train pool the run does not train on, else on `calibration_batches` training batches.
     calibration_examples: int = 640
+    calibration_tokens: int = 16384  # ... and at most about this many real tokens of them (fit.calibration_features)
     calibration_batches: int = 20
     eval_batch_factor: int = 2  # eval batch = factor * train batch
 

@@ -90,6 +90,28 @@ class Fitted:
     details: dict | None = None  # metrics.json entries of the fit (the frozen probe: {"probe": ...})
 
 
+def _count_tokens(values) -> int:
+    """Real tokens in a feature's attention mask (a list, or one list per choice; ids count as real)."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if values and isinstance(values[0], (list, tuple, torch.Tensor)):
+        return sum(_count_tokens(v) for v in values)
+    return sum(1 for v in values if v)
+
+
+def calibration_features(features: list[dict], token_budget: int = DEFAULTS.calibration_tokens) -> list[dict]:
+    """The calibration examples' inputs (no labels: τ needs none), the first ones up to `token_budget` real tokens.
+    On a decoder 640 prompts made calibration cost twice the training itself (trec_gen, docs/method.md); a kept
+    share estimated from 16k tokens has a binomial error of at most 0.004, well inside the ±0.02 target."""
+    chosen, tokens = [], 0
+    for feature in features:
+        if tokens >= token_budget:
+            break
+        chosen.append({k: v for k, v in feature.items() if k != "labels"})
+        tokens += _count_tokens(feature.get("attention_mask", feature.get("input_ids", [])))
+    return chosen
+
+
 def fit(model: nn.Module, tokenizer, task_data: TaskData, plan: TrainPlan, training_args: TrainingArguments,
         out: Path, resume: str | None) -> Fitted:
     """Train `model` on `task_data.train` (nothing to do for zero-shot runs or an empty train set)."""
@@ -107,10 +129,9 @@ def fit(model: nn.Module, tokenizer, task_data: TaskData, plan: TrainPlan, train
     # Trainer reads model.is_gradient_checkpointing through TSPeftModel's attribute forwarding: not our warning
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     collate = kind.collator(tokenizer)
-    calibration = None
+    calibration, held_out = None, []
     if plan.gated and task_data.calibration:  # examples of the pool the run does not train on (data.py)
-        held_out = [{k: v for k, v in f.items() if k != "labels"}  # inputs only: τ needs no label
-                    for f in kind.features(tokenizer, task_data.calibration, plan.max_length)]
+        held_out = calibration_features(kind.features(tokenizer, task_data.calibration, plan.max_length))
         calibration = [collate(held_out[i:i + plan.batch_size]) for i in range(0, len(held_out), plan.batch_size)]
     trainer = TSTrainer(model=model, args=training_args, train_dataset=ListDataset(features), data_collator=collate,
                         callbacks=[ThresholdCallback(model, out_dir=out, calibration_data=calibration)])
@@ -121,4 +142,5 @@ def fit(model: nn.Module, tokenizer, task_data: TaskData, plan: TrainPlan, train
     checkpoints = Path(training_args.output_dir)
     if training_args.process_index == 0 and checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()
-    return Fitted(trainer.model, seconds, trainer.state.global_step, result.training_loss)
+    return Fitted(trainer.model, seconds, trainer.state.global_step, result.training_loss,
+                  {"calibration_examples": len(held_out)} if plan.gated else None)
