@@ -9,6 +9,7 @@ Results are appended to benchmarks/results/importance.json (resumable); `make_ta
 
     python benchmarks/importance_selection.py --suite encoder   # MiniLM-L6 on rotten_tomatoes
     python benchmarks/importance_selection.py --suite decoder   # SmolLM2-135M on piqa
+    python benchmarks/importance_selection.py --suite trec      # MiniLM-L6 on trec (in regime), ranked at kept 0.5
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from provenance import code_commit  # noqa: E402
 from quality import SUITES, load_records, save_records  # noqa: E402
 from tspeft.cli.main import main as tspeft_main  # noqa: E402
 
-TASK = {"encoder": "rotten_tomatoes", "decoder": "piqa"}
+TASK = {"encoder": "rotten_tomatoes", "decoder": "piqa", "trec": "trec"}
+# Setups beyond the quality suites: (model, flags of every run, extra flags of the ranked ts-lora run). trec is in
+# regime (dense LoRA beats the frozen probe by 12 points, RESULTS.md "τ rule vs controls"); rotten_tomatoes is not.
+EXTRA_SETUPS = {"trec": ("minilm", ["--n-train", "1000", "--n-eval", "1000", "--epochs", "3", "--lr", "2e-3"],
+                         ["--target-kept", "0.5"])}
 CRITERIA = ("kept_fraction", "relative_magnitude", "delta_weight_norm", "factor_norm", "random")
 KEYS = ("suite", "criterion", "k", "seed")  # what identifies one run (resuming skips runs already recorded)
 
@@ -58,15 +63,18 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(criteria) - set(CRITERIA))
     if unknown:
         parser.error(f"unknown criteria {unknown}; choose from {', '.join(CRITERIA)}")
-    suite, task = SUITES[args.suite], TASK[args.suite]
+    task = TASK[args.suite]
+    model, flags, ranked_flags = EXTRA_SETUPS.get(args.suite) or (SUITES[args.suite]["model"],
+                                                                  SUITES[args.suite]["flags"], [])
     runs = Path(args.runs_dir) / args.suite
-    common = ["--task", task, "--model", suite["model"], *suite["flags"], "--no-report"]
+    common = ["--task", task, "--model", model, *flags, "--no-report"]
 
     source = Path(args.source) if args.source else runs / "ts-lora-all"
     if args.source:
         _check_source(source, task)
     elif not (source / "metrics.json").is_file():
-        tspeft_main(["train", *common, "--method", "ts-lora", "--seed", "0", "--overwrite", "--out", str(source)])
+        tspeft_main(["train", *common, *ranked_flags, "--method", "ts-lora", "--seed", "0", "--overwrite",
+                     "--out", str(source)])
     importance = source / "importance.json"
     if not importance.is_file():
         tspeft_main(["importance", "--adapter", str(source)])
@@ -86,10 +94,10 @@ def main(argv: list[str] | None = None) -> None:
                              str(importance), "--top-k", str(k), "--criterion", criterion, "--overwrite",
                              "--out", str(out)])  # resumable by record: a run without one is trained again
                 metrics = json.loads((out / "metrics.json").read_text())
-                records.append({"suite": args.suite, "task": task, "model": suite["model"], "criterion": criterion,
+                records.append({"suite": args.suite, "task": task, "model": model, "criterion": criterion,
                                 "k": k, "fraction": fraction, "n_modules": n_modules, "seed": seed,
                                 "accuracy": metrics["accuracy"], "target_modules": metrics["target_modules"],
-                                "train_seconds": metrics["train_seconds"], "sizes": " ".join(suite["flags"]),
+                                "train_seconds": metrics["train_seconds"], "sizes": " ".join(flags),
                                 "commit": code_commit()})
                 save_records(results, records)
                 print(f"[importance] {criterion} k={k} seed {seed}: accuracy {metrics['accuracy']:.4f}", flush=True)

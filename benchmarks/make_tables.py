@@ -367,6 +367,9 @@ def main() -> None:
     from tau_tables import calibration_section, controls_section, diagnosis_section, lambda_section, same_seed_lines
 
     out += ["## τ rule vs controls", ""] + controls_section(load("controls.json"))
+    from controls_sweep import sweep_section as controls_sweep_section
+
+    out += ["## τ rule vs controls: accuracy vs kept", ""] + controls_sweep_section(load("controls.json"), ROOT)
     out += ["## τ rule diagnosis", ""] + diagnosis_section(sorted(RESULTS.glob("tau_trace_*.json")))
     out += ["## τ rule with curve shrinkage (β 0.97), calibrated on unused examples", ""] + \
         controls_section(load("tau_rule_v2.json")) + \

@@ -14,8 +14,9 @@ from pathlib import Path
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 PAIRS = [("learned", "dense"), ("uniform", "dense"), ("random", "dense"), ("learned", "uniform"),
-         ("learned", "random")]
-TS_ARMS = ("learned", "uniform", "random")
+         ("learned", "random"), ("learned-prior", "dense"), ("learned-prior", "uniform"), ("learned-prior", "random"),
+         ("learned-prior", "learned")]
+TS_ARMS = ("learned", "learned-prior", "uniform", "random")
 REGIME_MARGIN = 0.05
 # How a ts arm's τ was calibrated, from the suffix controls.py adds to its sizes ("": training examples, one pass).
 CALIBRATIONS = {"uncalibrated": " uncalibrated", "unused": " calibrated-on-unused"}
@@ -70,7 +71,7 @@ def arm_rows(arms: dict) -> list[str]:
     return rows + [""]
 
 
-def allocation_lines(learned: dict, kept: float) -> list[str]:
+def allocation_lines(learned: dict, kept: float, arm: str = "learned") -> list[str]:
     """Spread of the learned per-module u, and its reproducibility across seeds (Spearman ρ)."""
     runs = {s: r for s, r in learned.items() if r.get("allocation")}
     lines = []
@@ -79,13 +80,13 @@ def allocation_lines(learned: dict, kept: float) -> list[str]:
         names = sorted(runs[seeds[0]]["allocation"])
         vectors = {s: [runs[s]["allocation"][n] for n in names] for s in seeds}
         rhos = [spearman(vectors[a], vectors[b]) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
-        lines += [f"Learned allocation at kept {kept}: Spearman ρ of the per-module u between seeds, mean "
+        lines += [f"Allocation of {arm} at kept {kept}: Spearman ρ of the per-module u between seeds, mean "
                   f"{statistics.fmean(rhos):.2f} over {len(rhos)} pairs (target ≥ 0.6).", ""]
     if runs:
         ranges = "; ".join(f"{min(r['allocation'].values()):.2f}–{max(r['allocation'].values()):.2f}"
                            for r in runs.values())
         spread = statistics.fmean(statistics.pstdev(r["allocation"].values()) for r in runs.values())
-        lines += [f"Learned per-module u at kept {kept}: std {spread:.3f} across modules, range {ranges}.", ""]
+        lines += [f"Per-module u of {arm} at kept {kept}: std {spread:.3f} across modules, range {ranges}.", ""]
     return lines
 
 
@@ -115,7 +116,8 @@ def setting_lines(task: str, sizes: str, runs: list[dict], probes: list[float]) 
         if rows:
             lines += [f"Paired differences at kept {kept} (accuracy points, mean [95 % interval]):", "",
                       "| pair | difference |", "|---|---|", *rows, ""]
-        lines += allocation_lines(table["learned"], kept)
+        lines += allocation_lines(table["learned"], kept, "learned")
+        lines += allocation_lines(table["learned-prior"], kept, "learned-prior")
     return lines
 
 
