@@ -20,9 +20,22 @@ def _take(values: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 def _search_rows(sorted_rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Per row, the first index with sorted_rows[i] ≥ value (searchsorted, left); `values` (rows, k) or (k,)."""
+    """Per row, the first index with sorted_rows[i] ≥ value (searchsorted, left; `values` (rows, k) or (k,)), for every
+    row at once: in an ascending row that is the count of entries not ≥ the value (a NaN value: all of them)."""
     values = np.broadcast_to(values, (sorted_rows.shape[0],) + values.shape[-1:])
-    return np.stack([np.searchsorted(row, v, side="left") for row, v in zip(sorted_rows, values)])
+    at_least = np.count_nonzero(sorted_rows[:, None, :] >= values[:, :, None], axis=-1)
+    return sorted_rows.shape[-1] - at_least
+
+
+def _search_grid(sorted_rows: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """`_search_rows` for one strictly increasing `grid` shared by every row, in O(rows × (entries + grid)): entry
+    e lies below grid[j] exactly when j ≥ searchsorted(grid, e, right), so the index of grid[j] in a row is the
+    count of the row's entries whose grid position is ≤ j, a cumulative sum of their per-row bincount."""
+    rows, slots = sorted_rows.shape[0], grid.shape[0] + 1
+    position = np.searchsorted(grid, sorted_rows, side="right")  # 0 … len(grid)
+    offsets = (np.arange(rows) * slots)[:, None]
+    per_slot = np.bincount((position + offsets).ravel(), minlength=rows * slots).reshape(rows, slots)
+    return np.cumsum(per_slot[:, :-1], -1)
 
 
 def histogram_quantiles(histograms: np.ndarray, q: np.ndarray, log10_range: tuple[float, float]) -> np.ndarray:
@@ -72,7 +85,7 @@ def loss_curves(counts: np.ndarray, changes: np.ndarray, points: int, random: bo
     zero = np.zeros((counts.shape[0], 1))
     kept = np.concatenate([zero, np.cumsum(counts[:, ::-1], -1) / real], -1)  # share kept down to each bin edge
     cumulative = np.concatenate([zero, np.cumsum(changes[:, ::-1], -1)], -1)
-    index = np.clip(_search_rows(kept, grid), 1, kept.shape[-1] - 1)
+    index = np.clip(_search_grid(kept, grid), 1, kept.shape[-1] - 1)
     left, right = _take(kept, index - 1), _take(kept, index)
     inside = np.clip((grid - left) / np.maximum(right - left, 1e-12), 0.0, 1.0)
     low = _take(cumulative, index - 1)
@@ -80,19 +93,42 @@ def loss_curves(counts: np.ndarray, changes: np.ndarray, points: int, random: bo
 
 
 def hull_slopes(curves: np.ndarray) -> np.ndarray:
+    """The isotonic (pool-adjacent-violators) slopes by the max–min formula, every module at once: with equal
+    segments the pooled slope at i is max_{a ≤ i} min_{b ≥ i} (F_{b+1} − F_a)·J / (b + 1 − a). O(J²) per module
+    in chunks of rows; rows with a non-finite value take the pool-adjacent-violators loop (NaN pools differently)."""
     points = curves.shape[-1] - 1
-    hulls = []
-    for row in (np.diff(curves, axis=-1) * points).tolist():
-        blocks: list[list[float]] = []  # [mean slope, length]
-        for value in row:
-            blocks.append([value, 1.0])
-            while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-                value, length = blocks.pop()
-                previous = blocks[-1]
-                previous[0] = (previous[0] * previous[1] + value * length) / (previous[1] + length)
-                previous[1] += length
-        hulls.append([mean for mean, length in blocks for _ in range(int(length))])
-    return np.array(hulls, dtype=np.float64).reshape(curves.shape[0], points)
+    slopes = np.empty((curves.shape[0], points))
+    finite = np.isfinite(curves).all(-1)
+    rows = np.flatnonzero(finite)
+    chunk = max(1, (1 << 20) // (points * points))
+    for start in range(0, rows.size, chunk):
+        part = rows[start:start + chunk]
+        slopes[part] = _max_min_slopes(curves[part], points)
+    for row in np.flatnonzero(~finite):
+        slopes[row] = _pool_adjacent_violators(np.diff(curves[row]) * points)
+    return slopes
+
+
+def _max_min_slopes(curves: np.ndarray, points: int) -> np.ndarray:
+    first = np.arange(points)
+    span = first[None, :] - first[:, None] + 1  # [a, b]: segments a … b, ≤ 0 when b < a
+    means = (curves[:, None, 1:] - curves[:, :-1, None]) * points / np.maximum(span, 1)
+    means = np.where(span > 0, means, np.inf)
+    # [m, a, i] = min over b ≥ i of the mean from a to b (for i ≥ a every such b is ≥ a)
+    suffix_min = np.minimum.accumulate(means[..., ::-1], -1)[..., ::-1]
+    return np.where(span > 0, suffix_min, -np.inf).max(1)
+
+
+def _pool_adjacent_violators(row_slopes: np.ndarray) -> np.ndarray:
+    blocks: list[list[float]] = []  # [mean slope, length]
+    for value in row_slopes.tolist():
+        blocks.append([value, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            value, length = blocks.pop()
+            previous = blocks[-1]
+            previous[0] = (previous[0] * previous[1] + value * length) / (previous[1] + length)
+            previous[1] += length
+    return np.array([mean for mean, length in blocks for _ in range(int(length))], dtype=np.float64)
 
 
 def allocation_oracle(slopes: np.ndarray, weights: np.ndarray, config: TokenSelectiveConfig, target: float | None,

@@ -118,15 +118,22 @@ def shrink_to_pooled(curves: torch.Tensor, variances: torch.Tensor, weights: tor
     return torch.from_numpy(rule_math.shrink_to_pooled(_host(curves), _host(variances), _host(weights)))
 
 
-def to_host(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies of `parts` on the host, in fp64, by one device-to-host copy per device they live on (one sync on a
-    GPU): flattened, concatenated, copied, split back into their shapes."""
-    host: list[torch.Tensor | None] = [None] * len(parts)
-    for device in dict.fromkeys(part.device for part in parts):
-        group = [i for i, part in enumerate(parts) if part.device == device]
-        packed = torch.cat([parts[i].reshape(-1).double() for i in group]).to("cpu", copy=True)
-        for i, piece in zip(group, packed.split([parts[i].numel() for i in group])):
-            host[i] = piece.reshape(parts[i].shape)
+def to_host(parts: list[torch.Tensor | list[torch.Tensor]]) -> list[np.ndarray]:
+    """fp64 numpy copies of `parts` by one device-to-host copy per device they live on (one sync on a GPU): the
+    parts' flat values in one `torch.cat` (which promotes dtypes), copied, then split on the host. A list of
+    equal-shaped tensors comes back as one array stacked along a new first axis, with no stack on the device."""
+    pieces = [part if isinstance(part, list) else [part] for part in parts]
+    host: list[np.ndarray | None] = [None] * len(parts)
+    for device in dict.fromkeys(group[0].device for group in pieces):
+        chosen = [i for i, group in enumerate(pieces) if group[0].device == device]
+        flat = [t if t.dim() == 1 else t.reshape(-1) for i in chosen for t in pieces[i]]
+        packed = torch.cat(flat).to("cpu", torch.float64, copy=True).numpy()
+        offset = 0
+        for i in chosen:
+            shape = (len(parts[i]), *parts[i][0].shape) if isinstance(parts[i], list) else tuple(parts[i].shape)
+            size = int(np.prod(shape))
+            host[i] = packed[offset:offset + size].reshape(shape)
+            offset += size
     return host
 
 
@@ -138,16 +145,16 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _read_rule_inputs(gates: list[TokenGate], all_reduce: AllReduce | None,
-                      extra: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(statistics (modules, 2, bins): rows COUNTS and CHANGES summed over ranks, `extra` tensors), all on the host
-    from one device read; the gates' step statistics reset."""
-    stats = torch.stack([torch.stack([g.r_histogram, g.change_histogram]) for g in gates])
+                      extra: list[torch.Tensor | list[torch.Tensor]]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(statistics (modules, 2, bins): rows COUNTS and CHANGES summed over ranks, `extra` parts), all on the host
+    from one device read; then the gates' step statistics reset (one `_foreach_zero_` for every gate)."""
+    histograms = [h for g in gates for h in (g.r_histogram, g.change_histogram)]
+    stats: torch.Tensor | list[torch.Tensor] = histograms
     if all_reduce is not None:  # sums over ranks, so every rank computes the same τ
-        stats = all_reduce(stats)
-    for gate in gates:
-        gate.clear_rule_stats()
-    stats, *rest = to_host([stats, *extra])  # stats reduced by gloo are on the host already
-    return stats, rest
+        stats = all_reduce(torch.stack(histograms).view(len(gates), 2, -1))
+    host_stats, *rest = to_host([stats, *extra])  # stats reduced by gloo are on the host already
+    torch._foreach_zero_(histograms)
+    return host_stats.reshape(len(gates), 2, -1), rest
 
 
 @torch.no_grad()
@@ -157,25 +164,27 @@ def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step
 
     Every module is handled at once: the statistics, the rule state and `step` (a count or the model's step
     buffer) are read in one device-to-host copy, the arithmetic runs on the host in numpy on (modules, …)
-    arrays (rule_math.rule_step), and the new state is written back without a sync (pinned, non-blocking):
-    one sync per call on a GPU.
+    arrays (rule_math.rule_step), and the new state is written back by one host-to-device copy without a sync
+    (pinned, non-blocking) and one `_foreach_copy_`: one sync per call on a GPU, a fixed number of tensor
+    operations whatever the number of modules.
     """
     if not gates:
         return
     state_tensors = [getattr(g, field) for g in gates for field in GATE_STATE]
     step_tensor = step if isinstance(step, torch.Tensor) else torch.tensor(step)
-    running = [torch.stack([g.loss_curve for g in gates]), torch.stack([g.loss_curve_square for g in gates])]
-    stats, (state, old_curves, old_squares, step_read) = _read_rule_inputs(
-        gates, all_reduce, [torch.stack(state_tensors), *running, step_tensor])
+    running = [g.loss_curve for g in gates] + [g.loss_curve_square for g in gates]
+    stats, (state, old_running, step_read) = _read_rule_inputs(
+        gates, all_reduce, [torch.stack(state_tensors), running, step_tensor])
+    modules = len(gates)
     new_state, curves, squares = rule_math.rule_step(
-        stats.numpy(), state.numpy().reshape(len(gates), len(GATE_STATE)), old_curves.numpy(), old_squares.numpy(),
-        config, int(step_read))
-    device = state_tensors[0].device
-    new_state = to_device(torch.from_numpy(new_state).float(), device)  # GATE_STATE's order
-    torch._foreach_copy_(state_tensors, list(new_state.flatten().unbind()))
-    for name, values in (("loss_curve", curves), ("loss_curve_square", squares)):
-        torch._foreach_copy_([getattr(g, name) for g in gates], list(to_device(torch.from_numpy(values),
-                                                                               device).unbind()))
+        stats, state.reshape(modules, len(GATE_STATE)), old_running[:modules], old_running[modules:], config,
+        int(step_read))
+    # GATE_STATE's order; rounded to the buffers' fp32 here, so the device's fp64 → fp32 copy is exact
+    new_state = new_state.astype(np.float32).astype(np.float64)
+    values = to_device(torch.from_numpy(np.concatenate([new_state.ravel(), curves.ravel(), squares.ravel()])),
+                       state_tensors[0].device)
+    sources = [*values[:len(state_tensors)].unbind(), *values[len(state_tensors):].view(len(running), -1).unbind()]
+    torch._foreach_copy_(state_tensors + running, sources)
 
 
 @torch.no_grad()
@@ -185,9 +194,9 @@ def calibrate_thresholds(gates: list[TokenGate], all_reduce: AllReduce | None = 
     if not gates:
         return
     taus = [g.tau.data for g in gates]
-    stats, (u, old_tau) = _read_rule_inputs(gates, all_reduce, [torch.stack([g.allocated_kept for g in gates]),
-                                                                 torch.stack(taus)])
-    counts, u, old_tau = stats[:, COUNTS].numpy(), u.numpy(), old_tau.numpy()
+    counts, (u, old_tau) = _read_rule_inputs(gates, all_reduce, [torch.stack([g.allocated_kept for g in gates]),
+                                                                  torch.stack(taus)])
+    counts = counts[:, COUNTS]
     tau = rule_math.histogram_quantiles(counts, (1 - u)[:, None], gates[0].config.log10_r_range)[:, 0]
     tau = np.where(counts.sum(-1) > 0, np.where(u >= 1.0, 0.0, tau), old_tau)
     torch._foreach_copy_(taus, list(to_device(torch.from_numpy(tau).float(), taus[0].device).unbind()))
