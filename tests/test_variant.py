@@ -69,12 +69,13 @@ def test_convolutions_bias_lora_and_bottleneck_adapters_keep_the_hook_route():
     assert isinstance(adapter._attachments[0], OutputDifferenceHooks)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dora", [False, True])
-def test_tau_zero_training_gives_peft_s_outputs_and_gradients_exactly(dora):
+def test_tau_zero_training_gives_peft_s_outputs_and_gradients_exactly(dora, dtype):
     ts_model, reference = twins(dora)
-    x = torch.randn(3, 7, 12, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 7, 12, generator=torch.Generator().manual_seed(1)).to(dtype)
     outputs = []
-    for model in (ts_model.train(), reference.train()):
+    for model in (ts_model.to(dtype).train(), reference.to(dtype).train()):
         out = model(x)
         out.pow(2).mean().backward()
         outputs.append(out)

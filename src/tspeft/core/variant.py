@@ -10,11 +10,11 @@ takes that slot, and wraps DoRA's:
     LoRA   x ─► dropout ─► A ─► z ─┬─► z⊙S ─► B ─► ·s ─► result + … ─► h        training, or many tokens kept
                                    ├─► z[kept] ─► B ─► result[kept] += ·s      inference, few kept (in place)
                                    └─► ‖M x‖² = zᵀ(s²BᵀB)z                     a rank × rank Gram matrix
-    DoRA   x ─► peft's DoRA module (lora_magnitude_vector) ─► M ─► where(S, M, 0) ─► result + … ─► h
+    DoRA   x ─► peft's DoRA module (lora_magnitude_vector) ─► M ─► addcmul(result, M, S) ─► h
                                    (inference: result += M⊙S in place)
     both   ‖W0 x‖ = ‖result − b‖ from peft's own `result`
 
-Training runs peft's own operations on z⊙S (LoRA) or on where(S, M, 0) (DoRA), so τ = 0 is bit-identical
+Training runs peft's own operations on z⊙S (LoRA) or result + M⊙S (DoRA), so τ = 0 is bit-identical
 to peft and a dropped token's output is exactly W0 x + b; a tensor hook on the gated tensor files
 c_i = ⟨∂L/∂h_i, M(x_i)⟩ of every token for the τ rule (`TokenGate.record_changes`): O(rank) per token
 for LoRA, M(x) kept for backward for DoRA. Without autograd the update is added in place (no broadcast
@@ -142,18 +142,30 @@ class TokenSelectiveVariant(LoraVariant):
             r = self.gate.relative_magnitude(update_norm, base_norm)
             real = self.token_mask.real_tokens(update.shape[:-1])
         keep, tokens = self.gate(r, real)
+        mask = keep.unsqueeze(-1).to(update.dtype)
         if not _records_autograd(update, result):
-            return result.addcmul_(update, keep.unsqueeze(-1).to(update.dtype))
-        gated = torch.where(keep.unsqueeze(-1), update, 0.0)
-        if self._wants_changes(tokens, gated):
-            gate, kept_update = self.gate, update.detach()  # M(x) of every token is kept for backward
-            gated.register_hook(lambda grad: None if grad is None else
-                                gate.record_changes((grad.float() * kept_update.float()).sum(-1), tokens))
-        return result + gated
+            return result.addcmul_(update, mask)
+        # result + M⊙S in one output-sized pass (peft's `result + M` when S = 1); its backward gives M the gradient
+        # ∂L/∂h ⊙ S and needs only S.
+        gated = torch.addcmul(result, update, mask)
+        if self._wants_changes(tokens, gated):  # ∂L/∂h of every token arrives at the gated output
+            gate, held = self.gate, [update.detach()]  # M(x) of every token, kept for backward until filed
+            gated.register_hook(lambda grad: None if grad is None or not held else
+                                gate.record_changes(_token_dots(grad, held.pop()), tokens))
+        return gated
 
 
 def _records_autograd(update: torch.Tensor, result: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (update.requires_grad or result.requires_grad)
+
+
+def _token_dots(grad: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """c_i = ⟨∂L/∂h_i, M(x_i)⟩ per token in fp32, from the copy of M(x) kept for backward, used once: an fp32 copy
+    takes the product in place (no output-sized temporary; autograd saved none of M). The hook releases the copy
+    after this call, so a second backward through a retained graph files no c_i for the layer."""
+    if update.dtype == torch.float32:
+        return update.mul_(grad).sum(-1)
+    return (grad.float() * update.float()).sum(-1)
 
 
 def _scaled_gram(up: torch.Tensor, scaling: float) -> torch.Tensor:
