@@ -89,6 +89,7 @@ class TokenGate(nn.Module):
         self.record_keep_mask = False  # analysis: keep the last forward's mask in `last_keep_mask`
         self.last_keep_mask: torch.Tensor | None = None
         self._bin_edges: dict[torch.device, torch.Tensor] = {}  # per device: fixed by the config, not saved
+        self._ones: dict[torch.device, torch.Tensor] = {}  # per device: the fp64 1 of the histograms' unit weights
 
     def _apply(self, fn, recurse=True):
         # `.to(torch.bfloat16)` on the model must not round τ or token counts: only the device of these buffers
@@ -128,8 +129,8 @@ class TokenGate(nn.Module):
             weight = torch.ones_like(flat_r) if real is None else real.reshape(-1).float()
             if not recomputing:
                 # (Σ kept·w, Σ w, Σ r·w) in one fp32 matrix-vector product (w is 0/1, so Σ w·w = Σ w; counts are
-                # exact below 2^24 tokens per call), added to the fp64 totals.
-                self.kept_counts.add_(weight @ torch.stack((keep.reshape(-1).float(), weight, flat_r), 1))
+                # exact below 2^24 tokens per call; the stack casts the bool mask), added to the fp64 totals.
+                self.kept_counts.add_(torch.mv(torch.stack((keep.reshape(-1), weight, flat_r)), weight))
             if not ((self.training and self.collect_rule_stats) or self.calibrating):
                 return GateDecision(keep, None)
             tokens = RuleTokens(self.bin_of(flat_r), None if real is None else weight)
@@ -146,11 +147,15 @@ class TokenGate(nn.Module):
             bins = self.config.histogram_bins
             exponents = torch.linspace(lo, hi, bins + 1, dtype=torch.float64, device=r.device)[1:-1]
             edges = self._bin_edges[r.device] = torch.pow(10.0, exponents).float()  # once per device
-        return torch.bucketize(r.reshape(-1).float(), edges, right=True, out_int32=True)  # int32: kept for backward
+        flat_r = (r if r.dim() == 1 else r.reshape(-1)).float()
+        return torch.bucketize(flat_r, edges, right=True, out_int32=True)  # int32: kept for backward
 
     def _histogram_weight(self, tokens: RuleTokens) -> torch.Tensor:
-        if tokens.real is None:  # every token real: a stride-0 view, nothing allocated
-            return self.r_histogram.new_ones(()).expand(tokens.bins.shape[0])
+        if tokens.real is None:  # every token real: a stride-0 view of one cached 1, nothing allocated per call
+            one = self._ones.get(tokens.bins.device)
+            if one is None:
+                one = self._ones[tokens.bins.device] = torch.ones((), dtype=torch.float64, device=tokens.bins.device)
+            return one.expand(tokens.bins.shape[0])
         return tokens.real.double()
 
     def record_changes(self, loss_changes: torch.Tensor, tokens: RuleTokens) -> None:

@@ -51,7 +51,8 @@ def norm_without_bias(output: torch.Tensor, bias: torch.Tensor | None, feature_d
         # Rounding error ≈ 1e-7 ‖b‖² / ‖W0 x‖² relative: 1e-3 even when ‖W0 x‖ is 1 % of ‖b‖.
         b = bias.float()  # callers hold torch.no_grad
         squared = torch.linalg.vector_norm(output, dim=feature_dim).square_()
-        squared.add_(output.movedim(feature_dim, -1) @ b, alpha=-2).add_(b.dot(b))
+        last = feature_dim % output.dim() == output.dim() - 1  # features last: no movedim (a view op) needed
+        squared.add_((output if last else output.movedim(feature_dim, -1)) @ b, alpha=-2).add_(b.dot(b))
         return squared.clamp_min_(0).sqrt_()
     shape = [1] * output.dim()
     shape[feature_dim] = -1

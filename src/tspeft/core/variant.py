@@ -97,7 +97,7 @@ class TokenSelectiveVariant(LoraVariant):
         lora_b, scaling = layer.lora_B[adapter], layer.scaling[adapter]
         z = layer.lora_A[adapter](layer.lora_dropout[adapter](x))
         with torch.no_grad():
-            z32 = z.detach().float()
+            z32 = z.float()  # under no_grad: z itself in fp32 (no detach op needed: nothing here records autograd)
             update_sq = ((z32 @ _scaled_gram(lora_b.weight, float(scaling))) * z32).sum(-1)
             # A rounding-negative ‖M x‖² (M x ≈ 0) gives NaN here, which relative_magnitude maps to r = 0.
             r = self.gate.relative_magnitude(update_sq.sqrt_(), base_norm)
