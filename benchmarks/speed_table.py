@@ -231,11 +231,12 @@ LIMITS = [
     "r bin and one fp64 histogram index-add; backward adds c_i = ⟨∂L/∂z̃, z⟩ and one index-add: small tensor "
     "ops per layer (counted in `benchmarks/results/op_counts.json`) and no hooks. Their fixed per-op cost (CPU "
     "dispatch, GPU kernel launches) dominates at small hidden sizes and few tokens, and the τ rule "
-    "(`update_thresholds`: one device read, numpy arithmetic on the host over modules) is a fixed cost per "
-    "optimizer step.",
+    "(`update_thresholds`: one device read, one zero and one write for all gates, numpy arithmetic on the host "
+    "vectorised over modules) is a fixed cost per optimizer step, the same number of tensor ops for any number "
+    "of modules.",
     "* **TS-DoRA training.** peft's DoRA module returns M(x) itself; the gate adds one norm of M, the base norm "
-    "and one `where`, and keeps M(x) of every token for the c_i of backward (an output-sized tensor per layer: "
-    "the memory ratio).",
+    "and result + M⊙S in one `addcmul` (in place of peft's add), and keeps M(x) of every token for the c_i of "
+    "backward (an output-sized tensor per layer: the memory ratio), into which backward writes the c_i product.",
     "* **Inference.** A·x must run for every token (r needs z), and so must the base-output norm. The update is "
     "added to peft's result in place (no zero row, no output-sized temporary beyond B·z); with few kept tokens "
     "B·z runs for the kept rows only, after one `nonzero` (a host sync). So below merged LoRA it cannot go: "

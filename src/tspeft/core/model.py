@@ -203,8 +203,8 @@ class TSPeftModel(nn.Module):
             gate.kept_counts.copy_(reduced)
 
     def reset_stats(self) -> None:
-        for gate in self.gates.values():
-            gate.kept_counts.zero_()
+        if self.gates:
+            torch._foreach_zero_([gate.kept_counts for gate in self.gates.values()])
 
     def trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
