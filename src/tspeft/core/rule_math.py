@@ -10,6 +10,8 @@ step for small layers. `tau_rule.py` exposes each function with torch tensors in
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .config import TokenSelectiveConfig
@@ -42,13 +44,13 @@ def _search_grid(sorted_rows: np.ndarray, grid: np.ndarray) -> np.ndarray:
 def histogram_quantiles(histograms: np.ndarray, q: np.ndarray, log10_range: tuple[float, float]) -> np.ndarray:
     lo, hi = log10_range
     bins = histograms.shape[-1]
-    cumulative = np.cumsum(histograms, -1)
+    cumulative = histograms.cumsum(-1)  # ndarray methods and ufuncs below: no numpy Python wrappers per call
     total = cumulative[:, -1:]  # not a separate sum: the cdf then ends at exactly 1
     cdf = cumulative / np.where(total > 0, total, 1.0)
-    q = np.clip(q, 0.0, 1.0)
+    q = np.minimum(np.maximum(q, 0.0), 1.0)  # = np.clip, NaN included
     index = np.minimum(_search_rows(cdf, q), bins - 1)
     before = np.where(index > 0, _take(cdf, np.maximum(index - 1, 0)), 0.0)
-    inside = np.clip((q - before) / np.maximum(_take(cdf, index) - before, 1e-12), 0.0, 1.0)
+    inside = np.minimum(np.maximum((q - before) / np.maximum(_take(cdf, index) - before, 1e-12), 0.0), 1.0)
     value = 10.0 ** (lo + (hi - lo) / bins * (index + inside))
     return np.where(total > 0, value, 0.0)
 
@@ -77,18 +79,25 @@ def scheduled_target(config: TokenSelectiveConfig, step: int) -> float:
     return config.target_kept + (1.0 - config.target_kept) * (1.0 - progress) ** 3
 
 
-def loss_curves(counts: np.ndarray, changes: np.ndarray, points: int, random: bool) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _grid(points: int) -> np.ndarray:
     grid = np.linspace(0.0, 1.0, points + 1)
+    grid.flags.writeable = False  # shared by every call
+    return grid
+
+
+def loss_curves(counts: np.ndarray, changes: np.ndarray, points: int, random: bool) -> np.ndarray:
+    grid = _grid(points)
     total_change = changes.sum(-1, keepdims=True)
     if random:
         return grid * total_change
     real = np.maximum(counts.sum(-1, keepdims=True), 1e-12)
     zero = np.zeros((counts.shape[0], 1))
-    kept = np.concatenate([zero, np.cumsum(counts[:, ::-1], -1) / real], -1)  # share kept down to each bin edge
-    cumulative = np.concatenate([zero, np.cumsum(changes[:, ::-1], -1)], -1)
-    index = np.clip(_search_grid(kept, grid), 1, kept.shape[-1] - 1)
+    kept = np.concatenate([zero, counts[:, ::-1].cumsum(-1) / real], -1)  # share kept down to each bin edge
+    cumulative = np.concatenate([zero, changes[:, ::-1].cumsum(-1)], -1)
+    index = np.minimum(np.maximum(_search_grid(kept, grid), 1), kept.shape[-1] - 1)
     left, right = _take(kept, index - 1), _take(kept, index)
-    inside = np.clip((grid - left) / np.maximum(right - left, 1e-12), 0.0, 1.0)
+    inside = np.minimum(np.maximum((grid - left) / np.maximum(right - left, 1e-12), 0.0), 1.0)
     low = _take(cumulative, index - 1)
     return low + inside * (_take(cumulative, index) - low)
 

@@ -148,7 +148,7 @@ def _read_rule_inputs(gates: list[TokenGate], all_reduce: AllReduce | None,
                       extra: list[torch.Tensor | list[torch.Tensor]]) -> tuple[np.ndarray, list[np.ndarray]]:
     """(statistics (modules, 2, bins): rows COUNTS and CHANGES summed over ranks, `extra` parts), all on the host
     from one device read; then the gates' step statistics reset (one `_foreach_zero_` for every gate)."""
-    histograms = [h for g in gates for h in (g.r_histogram, g.change_histogram)]
+    histograms = [h for g in gates for h in (g._buffers["r_histogram"], g._buffers["change_histogram"])]
     stats: torch.Tensor | list[torch.Tensor] = histograms
     if all_reduce is not None:  # sums over ranks, so every rank computes the same τ
         stats = all_reduce(torch.stack(histograms).view(len(gates), 2, -1))
@@ -170,9 +170,10 @@ def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step
     """
     if not gates:
         return
-    state_tensors = [getattr(g, field) for g in gates for field in GATE_STATE]
+    buffers = [g._buffers for g in gates]  # dict lookups, not nn.Module.__getattr__, per module
+    state_tensors = [b[field] for b in buffers for field in GATE_STATE]
     step_tensor = step if isinstance(step, torch.Tensor) else torch.tensor(step)
-    running = [g.loss_curve for g in gates] + [g.loss_curve_square for g in gates]
+    running = [b["loss_curve"] for b in buffers] + [b["loss_curve_square"] for b in buffers]
     stats, (state, old_running, step_read) = _read_rule_inputs(
         gates, all_reduce, [torch.stack(state_tensors), running, step_tensor])
     modules = len(gates)
