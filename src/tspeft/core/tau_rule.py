@@ -180,11 +180,10 @@ def update_thresholds(gates: list[TokenGate], config: TokenSelectiveConfig, step
     new_state, curves, squares = rule_math.rule_step(
         stats, state.reshape(modules, len(GATE_STATE)), old_running[:modules], old_running[modules:], config,
         int(step_read))
-    # GATE_STATE's order; rounded to the buffers' fp32 here, so the device's fp64 → fp32 copy is exact
-    new_state = new_state.astype(np.float32).astype(np.float64)
     values = to_device(torch.from_numpy(np.concatenate([new_state.ravel(), curves.ravel(), squares.ravel()])),
-                       state_tensors[0].device)
-    sources = [*values[:len(state_tensors)].unbind(), *values[len(state_tensors):].view(len(running), -1).unbind()]
+                       state_tensors[0].device)  # the state in GATE_STATE's order, then the curves
+    state_values = values[:len(state_tensors)].float()  # every source has its destination's dtype
+    sources = [*state_values.unbind(), *values[len(state_tensors):].view(len(running), -1).unbind()]
     torch._foreach_copy_(state_tensors + running, sources)
 
 
