@@ -142,7 +142,7 @@ class TokenSelectiveVariant(LoraVariant):
             r = self.gate.relative_magnitude(update_norm, base_norm)
             real = self.token_mask.real_tokens(update.shape[:-1])
         keep, tokens = self.gate(r, real)
-        mask = keep.unsqueeze(-1).to(update.dtype)
+        mask = keep.unsqueeze(-1)  # bool: addcmul casts it on the fly (no cast op, 1 byte per token kept for backward)
         if not _records_autograd(update, result):
             return result.addcmul_(update, mask)
         # result + M⊙S in one output-sized pass (peft's `result + M` when S = 1); its backward gives M the gradient
