@@ -17,8 +17,8 @@ import pytest
 import torch
 from peft import LoraConfig
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from test_benchmarks import _load
 from tspeft import TokenSelectiveConfig, get_ts_peft_model
 from tspeft.core import rule_math
 from tspeft.core.gate import GATE_STATE
@@ -123,24 +123,12 @@ def stacked_lora(layers: int):
     return get_ts_peft_model(model, config, TokenSelectiveConfig(target_kept=0.5, warmup_steps=1))
 
 
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def trained_rule_step(model, x: torch.Tensor) -> collections.Counter[str]:
     for _ in range(2):
         model(x).pow(2).mean().backward()
         model.update_thresholds()
     model(x).pow(2).mean().backward()
-    with OpCounter() as counter:
-        model.update_thresholds()
-    return counter.ops
+    return _load("op_counts").counted(model.update_thresholds)  # aten ops, by benchmarks/op_counts.py's counter
 
 
 def test_rule_step_issues_the_same_tensor_operations_for_any_number_of_modules():
