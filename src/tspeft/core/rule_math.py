@@ -25,8 +25,7 @@ def _take(values: np.ndarray, index: np.ndarray) -> np.ndarray:
 def _search_rows(sorted_rows: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Per row, the first index with sorted_rows[i] ≥ value (searchsorted, left; `values` (rows, k) or (k,)), for every
     row at once: in an ascending row that is the count of entries not ≥ the value (a NaN value: all of them)."""
-    values = np.broadcast_to(values, (sorted_rows.shape[0],) + values.shape[-1:])
-    at_least = np.count_nonzero(sorted_rows[:, None, :] >= values[:, :, None], axis=-1)
+    at_least = np.count_nonzero(sorted_rows[:, None, :] >= values[..., None], axis=-1)  # (rows, k) either way
     return sorted_rows.shape[-1] - at_least
 
 
