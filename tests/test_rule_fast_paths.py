@@ -66,6 +66,7 @@ def test_row_searches_equal_one_searchsorted_per_row(seed):
     values[0, 0] = np.nan
     assert np.array_equal(rule_math._search_rows(rows, values), loop_search_rows(rows, values))
     grid = np.linspace(0.0, 1.0, int(rng.choice([3, 5, 21, 201])))
+    assert np.array_equal(rule_math._search_rows(rows, grid), loop_search_rows(rows, grid))  # one row of values
     assert np.array_equal(rule_math._search_grid(rows, grid), loop_search_rows(rows, grid))
 
 
