@@ -110,7 +110,7 @@ class TokenGate(nn.Module):
         R_MAX, so Σ r over any batch stays finite in fp32); NaN (a NaN update) gives 0."""
         tiny = torch.finfo(torch.float32).tiny
         r = update_norm.float() / base_norm.float().clamp_min(tiny)
-        return torch.nan_to_num(r.clamp_max_(R_MAX), nan=0.0)
+        return r.clamp_max_(R_MAX).nan_to_num_(nan=0.0)  # r is ours: in place, no second per-token tensor
 
     def forward(self, r: torch.Tensor, real: torch.Tensor | None) -> GateDecision:
         """Decide S from r and record statistics over real tokens (`real`: bool mask of r's shape, None: all)."""
