@@ -6,7 +6,8 @@
 At small layer sizes a step's cost is mostly per-operation overhead (CPU dispatch, GPU kernel launches), so the
 number of operations the gate adds is what the train-step ratio is made of there. Model: MLP 12 → 24 → 12 with
 LoRA/DoRA r = 4 on both layers (or the bottleneck adapter), 4 × 6 tokens, train mode; one forward + backward
-after three steps, and one `update_thresholds()`, counted by a TorchDispatchMode (views included).
+after three steps, and one `update_thresholds()`, counted by a TorchDispatchMode (views included); and the ops of
+one `update_thresholds()` for stacks of 2, 24 and 120 gated layers.
 """
 
 from __future__ import annotations
@@ -82,6 +83,25 @@ def count(method: str) -> dict:
             "added_by_op": {k: v for k, v in sorted(added.items(), key=lambda kv: -kv[1]) if v}}
 
 
+def rule_ops_by_modules(counts=(2, 24, 120)) -> dict[str, int]:
+    """aten ops of one `update_thresholds()` for a stack of `n` gated Linear(12, 12) layers (LoRA r = 4), after two
+    rule steps: what the rule's fixed cost per optimizer step grows with (MiniLM has 24 gated layers, SmolLM2 120
+    in speed.py)."""
+    ops = {}
+    for n in counts:
+        torch.manual_seed(0)
+        stack = nn.Sequential(*[m for _ in range(n) for m in (nn.Linear(12, 12), nn.Tanh())])
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=[str(2 * i) for i in range(n)], init_lora_weights=False)
+        gated = get_ts_peft_model(stack, lora, TokenSelectiveConfig(target_kept=0.5, warmup_steps=1)).train()
+        x = torch.randn(4, 6, 12, generator=torch.Generator().manual_seed(1))
+        for _ in range(2):
+            gated(x).pow(2).mean().backward()
+            gated.update_thresholds()
+        gated(x).pow(2).mean().backward()  # the statistics of the counted step
+        ops[str(n)] = sum(counted(gated.update_thresholds).values())
+    return ops
+
+
 def _commit_of(src: Path) -> str | None:
     import subprocess
 
@@ -95,11 +115,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--src", help="count another checkout's src/ (e.g. main before a change)")
     args = parser.parse_args(argv)
     commit = code_commit() if args.src is None else _commit_of(Path(args.src))
+    rule_by_modules = rule_ops_by_modules()
     records = [count(method) | {"commit": commit, "src": str(SRC), "torch": torch.__version__} for method in
                ("lora", "dora", "adapter")]
+    records[0]["rule_step_ops_by_gated_layers"] = rule_by_modules  # LoRA stacks of 2, 24, 120 gated layers
     for r in records:
         print(f"{r['method']:8s} fwd+bwd {r['forward_backward_ops']} ops (twin {r['twin_forward_backward_ops']}), "
               f"+{r['added_ops_per_layer']:.0f} per gated layer; τ-rule step {r['rule_step_ops']} ops")
+    print(f"τ-rule step ops by gated layers: {rule_by_modules}")
     Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
 
 
