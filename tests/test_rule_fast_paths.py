@@ -5,7 +5,9 @@ number of tensor operations whatever the number of gated modules.
   `loss_curves` and `histogram_quantiles` through them against the same functions on that loop: bit-identical.
 * `hull_slopes` (max–min formula) against the former pool-adjacent-violators loop (`_pool_adjacent_violators`,
   kept in rule_math for rows with a non-finite value) and against the lower convex hull by a monotone chain.
-* `update_thresholds` (one read, one zero, one write for every gate) writes exactly what `rule_step` computes.
+* `rule_step` with the vectorised hull against the same step on the former loop, end to end.
+* `update_thresholds` (one read, one zero, one write for every gate) writes exactly what `rule_step` computes, in
+  the same number of tensor operations for 2 and 7 gated layers (benchmarks/op_counts.py's counter).
 """
 
 from __future__ import annotations
