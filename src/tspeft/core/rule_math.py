@@ -166,22 +166,29 @@ def allocation_oracle(slopes: np.ndarray, weights: np.ndarray, config: TokenSele
 def prior_oracle(density: np.ndarray, weights: np.ndarray, target: float, mu: float) -> np.ndarray:
     """argmin Σ_m N_m [f_m(u_m) + μ/2 (u_m − k)²] s.t. Σ_m N_m u_m = k Σ_m N_m, f_m piecewise linear and convex
     with per-token slopes `density` (modules, J) on the grid j/J. For a multiplier ν each module's minimiser is
-    u_m(ν) = Σ_j clip(t_mj − j/J, 0, 1/J) with t_mj = k − (d_mj + ν)/μ (segment j is filled as far as the
-    quadratic lets it); Σ N u(ν) falls monotonically in ν, so ν comes from bisection."""
+    u_m(ν) = Σ_j clip((b_mj − ν)/μ, 0, 1/J) with b_mj = μ (k − j/J) − d_mj (segment j is filled as far as the
+    quadratic lets it). The kept mean Σ N u(ν) / Σ N is piecewise linear and falls in ν, with breakpoints
+    b_mj − μ/J and b_mj: ν is found exactly, as in `project_onto_budget`."""
     points = density.shape[-1]
-    left = np.arange(points) / points
-    share = weights / max(float(weights.sum()), 1e-300)
-    finite = np.where(np.isfinite(density), density, 0.0)
-
-    def allocation(nu: float) -> np.ndarray:
-        reach = target - (density + nu) / mu  # -inf density (forced segments) reaches +inf: always filled
-        return np.clip(reach - left, 0.0, 1.0 / points).sum(-1)
-
-    low, high = -float(finite.max()) - 2 * mu, -float(finite.min()) + 2 * mu  # u(low) = 1, u(high) = 0 (unforced)
-    for _ in range(100):
-        middle = 0.5 * (low + high)
-        low, high = (middle, high) if float(share @ allocation(middle)) > target else (low, middle)
-    return allocation(0.5 * (low + high))
+    share = np.broadcast_to((weights / max(float(weights.sum()), 1e-300))[:, None], density.shape)
+    free = np.isfinite(density)  # -inf density: a segment below u_min, always filled
+    ends = (mu * (target - np.arange(points) / points) - np.where(free, density, 0.0))[free]
+    weight = share[free] / mu
+    breaks = np.concatenate([ends - mu / points, ends])
+    order = np.argsort(breaks, kind="stable")
+    breaks = breaks[order]
+    slope = np.cumsum(np.concatenate([-weight, weight])[order])  # d(kept mean)/dν right of each breakpoint
+    kept = float(share.sum()) / points + np.concatenate([[0.0], np.cumsum(slope[:-1] * np.diff(breaks))])
+    below = np.flatnonzero(kept <= target)
+    if breaks.size == 0 or below.size == 0:
+        nu = breaks[-1] if breaks.size else 0.0
+    elif below[0] == 0:
+        nu = breaks[0]
+    else:
+        i = int(below[0])
+        nu = breaks[i - 1] + (kept[i - 1] - target) * (breaks[i] - breaks[i - 1]) / max(kept[i - 1] - kept[i], 1e-300)
+    bounds = mu * (target - np.arange(points) / points) - density - nu  # +inf for forced segments
+    return np.clip(bounds / mu, 0.0, 1.0 / points).sum(-1)
 
 
 def shrink_to_pooled(curves: np.ndarray, variances: np.ndarray, weights: np.ndarray) -> np.ndarray:
