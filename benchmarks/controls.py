@@ -54,9 +54,14 @@ from tspeft.training.measure import evaluate_model  # noqa: E402
 from tspeft.training.probe import fit_frozen_probe  # noqa: E402
 
 RESULTS = ROOT / "results" / "controls.json"
+LEARNED_PRIOR = 1.0  # κ of the learned-prior arm: TokenSelectiveConfig's default (test_benchmarks checks they match)
 ARMS = {  # arm -> (method, TokenSelectiveConfig overrides)
     "dense": ("lora", {}),
-    "learned": ("ts-lora", {"allocation": "learned", "selection": "magnitude"}),
+    # the plain water-filling oracle (κ = 0), the rule the first records ran
+    "learned": ("ts-lora", {"allocation": "learned", "selection": "magnitude", "allocation_prior": 0.0}),
+    # with the proximal prior toward uniform at the κ tspeft uses by default (docs/method.md)
+    "learned-prior": ("ts-lora", {"allocation": "learned", "selection": "magnitude",
+                                  "allocation_prior": LEARNED_PRIOR}),
     "uniform": ("ts-lora", {"allocation": "uniform", "selection": "magnitude"}),
     "random": ("ts-lora", {"allocation": "uniform", "selection": "random"}),
 }

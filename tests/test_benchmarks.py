@@ -266,3 +266,12 @@ def test_same_seed_lines_compare_allocations_of_one_seed_across_rules():
     line = tables.same_seed_lines(mine, reference, "ref")[0]
     assert "mean 0.00 over 2 seeds (1.00, -1.00)" in line and "different seeds: 0.00 over 2 pairs" in line
     assert tables.same_seed_lines(mine, [], "ref") == []
+
+
+def test_controls_learned_prior_arm_runs_the_default_prior():
+    """The learned-prior arm of benchmarks/controls.py is the rule tspeft ships: its κ is the config default."""
+    from tspeft import TokenSelectiveConfig
+
+    controls = _load("controls")
+    assert controls.ARMS["learned-prior"][1]["allocation_prior"] == TokenSelectiveConfig().allocation_prior
+    assert controls.ARMS["learned"][1]["allocation_prior"] == 0.0

@@ -68,13 +68,14 @@ def test_curve_shrinkage_makes_the_allocation_stable_across_data_seeds():
     """Other data orders: the sensitive module keeps the larger share every time, by about as much; two modules of
     the same sensitivity stay near the even split instead of swapping budget on noise (curve shrinkage, β 0.97;
     without them their split spreads 0.37–0.67 over five data orders)."""
-    config = TokenSelectiveConfig(target_kept=0.5, warmup_steps=10, shrink_curves=True, slope_momentum=0.97)
+    config = TokenSelectiveConfig(target_kept=0.5, warmup_steps=10, shrink_curves=True, slope_momentum=0.97,
+                                  allocation_prior=0.0)
     known = [train_two_branches(config, data_seed=seed)[0].allocated_kept() for seed in (1, 2, 3)]
     assert all(u["a"] > u["b"] + 0.2 for u in known), known
     assert max(u["a"] for u in known) - min(u["a"] for u in known) < 0.1, known
     alike = [train_two_branches(config, data_seed=seed, shift_b=1.0)[0].allocated_kept()["a"] for seed in (1, 2, 3)]
     assert max(abs(u - 0.5) for u in alike) < 0.06, alike
-    plain = TokenSelectiveConfig(target_kept=0.5, warmup_steps=10)  # the default rule swaps budget on noise here
+    plain = TokenSelectiveConfig(target_kept=0.5, warmup_steps=10, allocation_prior=0.0)  # swaps budget on noise
     unshrunk = [train_two_branches(plain, data_seed=seed, shift_b=1.0)[0].allocated_kept()["a"] for seed in (1, 2, 3)]
     assert max(abs(u - 0.5) for u in unshrunk) > 0.1, unshrunk
 
@@ -163,7 +164,7 @@ def test_loss_curve_and_oracle_on_known_numbers():
     torch.testing.assert_close(curves[0], torch.tensor([0, -5, -10, -10.5, -11], dtype=torch.float64))
     slopes = hull_slopes(curves)
     assert (slopes.diff(dim=-1) >= 0).all()
-    config = TokenSelectiveConfig(target_kept=0.5)
+    config = TokenSelectiveConfig(target_kept=0.5, allocation_prior=0.0)  # the plain water-filling
     u = allocation_oracle(slopes, torch.tensor([10.0, 10.0], dtype=torch.float64), config, 0.5, 0.0)
     torch.testing.assert_close(u, torch.tensor([0.5, 0.5], dtype=torch.float64))  # −20/u per token beats −8
     u = allocation_oracle(slopes, torch.tensor([10.0, 10.0], dtype=torch.float64), config, 0.75, 0.0)
@@ -180,7 +181,7 @@ def test_prior_oracle_on_known_numbers():
     for kappa, expected in ((4.0, 0.75), (8.0, 0.625), (1e6, 0.5 + 1e-6), (1.0, 1.0)):  # κ = 1: u0 = 1.5, clipped at 1
         u = allocation_oracle(slopes, weights, TokenSelectiveConfig(target_kept=0.5, allocation_prior=kappa), 0.5, 1.0)
         torch.testing.assert_close(u, torch.tensor([expected, 1 - expected], dtype=torch.float64))
-    plain = allocation_oracle(slopes, weights, TokenSelectiveConfig(target_kept=0.5), 0.5, 1.0)
+    plain = allocation_oracle(slopes, weights, TokenSelectiveConfig(target_kept=0.5, allocation_prior=0.0), 0.5, 1.0)
     torch.testing.assert_close(plain, torch.tensor([1.0, 0.0], dtype=torch.float64))  # κ = 0: water-filling
 
 
