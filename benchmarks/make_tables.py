@@ -370,6 +370,9 @@ def main() -> None:
     from controls_sweep import sweep_section as controls_sweep_section
 
     out += ["## τ rule vs controls: accuracy vs kept", ""] + controls_sweep_section(load("controls.json"), ROOT)
+    from tau_tables import prior_section
+
+    out += ["## τ rule: choosing the prior κ (development split)", ""] + prior_section(load("prior_dev.json"))
     out += ["## τ rule diagnosis", ""] + diagnosis_section(sorted(RESULTS.glob("tau_trace_*.json")))
     out += ["## τ rule with curve shrinkage (β 0.97), calibrated on unused examples", ""] + \
         controls_section(load("tau_rule_v2.json")) + \

@@ -247,3 +247,44 @@ def same_seed_lines(records: list[dict], reference: list[dict], label: str) -> l
     return [f"Learned u against {label}, same seed (same examples, order and initialisation): Spearman ρ mean "
             f"{statistics.fmean(same):.2f} over {len(same)} seeds ({', '.join(f'{v:.2f}' for v in same)}); "
             f"different seeds: {statistics.fmean(other):.2f} over {len(other)} pairs.", ""]
+
+
+def prior_rho(allocations: dict) -> float | None:
+    """Mean Spearman ρ of the per-module u over every pair of seeds ({seed: {module: u}})."""
+    seeds = sorted(allocations)
+    if len(seeds) < 2:
+        return None
+    names = sorted(allocations[seeds[0]])
+    return statistics.fmean(spearman([allocations[a][n] for n in names], [allocations[b][n] for n in names])
+                            for i, a in enumerate(seeds) for b in seeds[i + 1:])
+
+
+def prior_section(records: list[dict]) -> list[str]:
+    """The κ pilot (results/prior_dev.json): every arm on a development split, learned at several κ."""
+    if not records:
+        return ["No runs yet: `python benchmarks/controls.py --task trec --dev --results "
+                "benchmarks/results/prior_dev.json ...`.", ""]
+    arms: dict = defaultdict(dict)
+    for r in records:
+        kappa = (r.get("rule") or {}).get("allocation_prior", 0.0) if r["arm"].startswith("learned") else None
+        arms[(r["task"], r["arm"], kappa)][r["seed"]] = r
+    sizes = sorted({r["sizes"].split(" warmup")[0] for r in records})
+    lines = [f"Development split (`controls.py --dev`: {records[0]['n_eval']} train-pool examples neither trained nor "
+             f"calibrated on, in place of the eval set), {', '.join(sizes)}, kept 0.5; seeds "
+             f"{', '.join(str(s) for s in sorted({r['seed'] for r in records}))} (not the reported seeds). "
+             "κ = 0 is the plain water-filling oracle.", "",
+             "| task | arm | κ | accuracy | − uniform, paired (points) | u std across modules | ρ between seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for (task, arm, kappa), seeds in sorted(arms.items(), key=lambda item: (item[0][0], item[0][1], item[0][2] or 0)):
+        uniform = arms.get((task, "uniform", None), {})
+        common = sorted(set(seeds) & set(uniform))
+        paired = interval([seeds[s]["accuracy"] - uniform[s]["accuracy"] for s in common]) \
+            if common and arm != "uniform" else "–"
+        allocations = {s: r["allocation"] for s, r in seeds.items() if r.get("allocation")}
+        spread = (f"{statistics.fmean(statistics.pstdev(a.values()) for a in allocations.values()):.3f}"
+                  if allocations else "–")
+        rho = prior_rho(allocations) if arm.startswith("learned") else None
+        accuracy = statistics.fmean(r["accuracy"] for r in seeds.values())
+        lines.append(f"| {task} | {arm} | {'–' if kappa is None else f'{kappa:g}'} | {accuracy:.3f} | {paired} | "
+                     f"{spread} | {'–' if rho is None else f'{rho:.2f}'} |")
+    return lines + [""]
