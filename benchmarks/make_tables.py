@@ -377,7 +377,10 @@ def main() -> None:
     out += ["## τ rule with curve shrinkage (β 0.97), calibrated on unused examples", ""] + \
         controls_section(load("tau_rule_v2.json")) + \
         same_seed_lines(load("tau_rule_v2.json"), load("controls.json"), "the default rule (controls.json)")
+    from tau_tables import calibration_cost_lines
+
     out += ["## Hitting the target: τ calibration", ""] + calibration_section(sorted(RESULTS.glob("tau_calib*.json")))
+    out += calibration_cost_lines(load("calibration_cap.json"), quality)
     out += ["## Loss-driven rule: λ", ""] + lambda_section(load("lambda_sweep.json"))
     from vision_tables import vision_section
 

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
             out = run_dir(args.runs_dir, args.suite, task, method, seed, kept)
             metrics = run_one(suite, task, method, seed, out, extra)
             record = {k: metrics.get(k) for k in ("task", "method", "seed", "accuracy", "majority_accuracy",
-                                                  "kept_fraction", "train_seconds",
+                                                  "kept_fraction", "train_seconds", "calibration_examples",
                                                   "eval_seconds", "trainable_params", "per_module", "n_train",
                                                   "n_eval")}
             if metrics.get("generation"):

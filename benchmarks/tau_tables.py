@@ -99,6 +99,11 @@ def setting_lines(task: str, sizes: str, runs: list[dict], probes: list[float]) 
         arms[("probe", None, "")] = {i: {"accuracy": a} for i, a in enumerate(probes)}
     lines += arm_rows(arms)
     dense = arms.get(("dense", None, ""), {})
+    stuck = sorted(f"{r['arm']} seed {r['seed']}" + (f" (kept {r['kept']})" if r.get("kept") else "")
+                   for r in runs if r.get("num_labels") and r["accuracy"] <= 1 / r["num_labels"] + 0.01)
+    if stuck:
+        lines += [f"Runs that did not learn (accuracy within 1 point of chance, 1/{runs[0]['num_labels']}): "
+                  f"{', '.join(stuck)}. They stay in every mean and paired difference.", ""]
     if probes and dense:
         margin = statistics.fmean(r["accuracy"] for r in dense.values()) - statistics.fmean(probes)
         verdict = "in regime" if margin >= REGIME_MARGIN else "NOT in regime (flagged: excluded from claims)"
@@ -287,4 +292,26 @@ def prior_section(records: list[dict]) -> list[str]:
         accuracy = statistics.fmean(r["accuracy"] for r in seeds.values())
         lines.append(f"| {task} | {arm} | {'–' if kappa is None else f'{kappa:g}'} | {accuracy:.3f} | {paired} | "
                      f"{spread} | {'–' if rho is None else f'{rho:.2f}'} |")
+    return lines + [""]
+
+
+def calibration_cost_lines(capped: list[dict], quality: list[dict]) -> list[str]:
+    """Train seconds (training + τ calibration) of a ts run with the calibration token budget
+    (results/calibration_cap.json) beside the quality suite's records of the same task, method and seed."""
+    if not capped:
+        return []
+    lines = ["Calibration cost on a decoder: the same `quality.py` run (task, method, seed, sizes) with calibration "
+             "on up to 640 unused examples (quality.json) and on at most 16k real tokens of them "
+             "(`DEFAULTS.calibration_tokens`, calibration_cap.json). Train seconds include the calibration; dense "
+             "LoRA's are the reference.", "",
+             "| task | seed | run | commit | train s | accuracy | eval kept |", "|---|---|---|---|---|---|---|"]
+    for new in capped:
+        def same(r: dict, method: str) -> bool:
+            return (r["task"], r["method"], r["seed"]) == (new["task"], method, new["seed"])
+
+        rows = ([("dense lora", r) for r in quality if same(r, "lora")]
+                + [("640 examples", r) for r in quality if same(r, new["method"])] + [("16k tokens", new)])
+        for label, r in rows:
+            lines.append(f"| {r['task']} | {r['seed']} | {label} | {r.get('commit')} | {r['train_seconds']:.0f} | "
+                         f"{r['accuracy']:.3f} | {r.get('kept_fraction') or 1:.3f} |")
     return lines + [""]
