@@ -6,8 +6,6 @@ t-interval), dense LoRA as a band (mean ± its 95 % interval). Called by make_ta
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,17 +14,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tau_tables import T975, calibration_of, interval, setting_of  # noqa: E402
+from tau_tables import calibration_of, interval, mean_and_half, setting_of  # noqa: E402
 
 ARM_STYLE = {"learned": ("tab:blue", "o"), "learned-prior": ("tab:purple", "D"), "uniform": ("tab:green", "s"),
              "random": ("tab:red", "^")}
-
-
-def mean_and_half(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def sweep_settings(records: list[dict]) -> dict:

@@ -36,12 +36,19 @@ def setting_of(sizes: str) -> str:
     return sizes[:-len(CALIBRATIONS[how])] if how else sizes
 
 
+def mean_and_half(values: list[float]) -> tuple[float, float]:
+    """Mean over seeds and the half-width of its 95 % Student-t interval (0 for one seed)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
 def interval(differences: list[float]) -> str:
     """Mean difference in points with its 95 % t-interval over seeds."""
-    mean = statistics.fmean(differences)
+    mean, half = mean_and_half(differences)
     if len(differences) < 2:
         return f"{100 * mean:+.1f} (1 seed)"
-    half = T975.get(len(differences) - 1, 1.96) * statistics.stdev(differences) / math.sqrt(len(differences))
     return f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}] ({len(differences)} seeds)"
 
 
@@ -76,12 +83,10 @@ def allocation_lines(learned: dict, kept: float, arm: str = "learned") -> list[s
     runs = {s: r for s, r in learned.items() if r.get("allocation")}
     lines = []
     if len(runs) > 1:
-        seeds = sorted(runs)
-        names = sorted(runs[seeds[0]]["allocation"])
-        vectors = {s: [runs[s]["allocation"][n] for n in names] for s in seeds}
-        rhos = [spearman(vectors[a], vectors[b]) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
+        pairs = len(runs) * (len(runs) - 1) // 2
         lines += [f"Allocation of {arm} at kept {kept}: Spearman ρ of the per-module u between seeds, mean "
-                  f"{statistics.fmean(rhos):.2f} over {len(rhos)} pairs (target ≥ 0.6).", ""]
+                  f"{mean_rho({s: r['allocation'] for s, r in runs.items()}):.2f} over {pairs} pairs "
+                  "(target ≥ 0.6).", ""]
     if runs:
         ranges = "; ".join(f"{min(r['allocation'].values()):.2f}–{max(r['allocation'].values()):.2f}"
                            for r in runs.values())
@@ -254,7 +259,7 @@ def same_seed_lines(records: list[dict], reference: list[dict], label: str) -> l
             f"different seeds: {statistics.fmean(other):.2f} over {len(other)} pairs.", ""]
 
 
-def prior_rho(allocations: dict) -> float | None:
+def mean_rho(allocations: dict) -> float | None:
     """Mean Spearman ρ of the per-module u over every pair of seeds ({seed: {module: u}})."""
     seeds = sorted(allocations)
     if len(seeds) < 2:
@@ -288,7 +293,7 @@ def prior_section(records: list[dict]) -> list[str]:
         allocations = {s: r["allocation"] for s, r in seeds.items() if r.get("allocation")}
         spread = (f"{statistics.fmean(statistics.pstdev(a.values()) for a in allocations.values()):.3f}"
                   if allocations else "–")
-        rho = prior_rho(allocations) if arm.startswith("learned") else None
+        rho = mean_rho(allocations) if arm.startswith("learned") else None
         accuracy = statistics.fmean(r["accuracy"] for r in seeds.values())
         lines.append(f"| {task} | {arm} | {'–' if kappa is None else f'{kappa:g}'} | {accuracy:.3f} | {paired} | "
                      f"{spread} | {'–' if rho is None else f'{rho:.2f}'} |")

@@ -54,22 +54,28 @@ def histogram_quantiles(histograms: np.ndarray, q: np.ndarray, log10_range: tupl
     return np.where(total > 0, value, 0.0)
 
 
-def project_onto_budget(u: np.ndarray, weights: np.ndarray, target: float, low: float) -> np.ndarray:
-    weights = weights / weights.sum()
-    points = np.concatenate([u - 1.0, u - low])
+def budget_multiplier(points: np.ndarray, slope_changes: np.ndarray, kept_at_first: float, target: float) -> float:
+    """The ν at which a non-increasing piecewise-linear kept(ν) meets `target`: kept is `kept_at_first` at the smallest
+    of `points` and its slope changes by `slope_changes[i]` at `points[i]`; the first (last) point when the target
+    lies above (below) every breakpoint's value."""
     order = np.argsort(points, kind="stable")
     breaks = points[order]
-    slope = np.cumsum(np.concatenate([-weights, weights])[order])  # f's slope right of each breakpoint
-    kept_at_first = (weights * np.clip(u - breaks[0], low, 1.0)).sum()
+    slope = np.cumsum(slope_changes[order])  # kept's slope right of each breakpoint
     kept = kept_at_first + np.concatenate([[0.0], np.cumsum(slope[:-1] * np.diff(breaks))])
     below = np.flatnonzero(kept <= target)
     if below.size == 0:
-        nu = breaks[-1]
-    elif below[0] == 0:
-        nu = breaks[0]
-    else:
-        k = int(below[0])
-        nu = breaks[k - 1] + (kept[k - 1] - target) * (breaks[k] - breaks[k - 1]) / (kept[k - 1] - kept[k])
+        return breaks[-1]
+    if below[0] == 0:
+        return breaks[0]
+    k = int(below[0])
+    return breaks[k - 1] + (kept[k - 1] - target) * (breaks[k] - breaks[k - 1]) / (kept[k - 1] - kept[k])
+
+
+def project_onto_budget(u: np.ndarray, weights: np.ndarray, target: float, low: float) -> np.ndarray:
+    weights = weights / weights.sum()
+    points = np.concatenate([u - 1.0, u - low])
+    kept_at_first = (weights * np.clip(u - points.min(), low, 1.0)).sum()
+    nu = budget_multiplier(points, np.concatenate([-weights, weights]), kept_at_first, target)
     return np.clip(u - nu, low, 1.0)
 
 
@@ -168,27 +174,19 @@ def prior_oracle(density: np.ndarray, weights: np.ndarray, target: float, mu: fl
     with per-token slopes `density` (modules, J) on the grid j/J. For a multiplier ν each module's minimiser is
     u_m(ν) = Σ_j clip((b_mj − ν)/μ, 0, 1/J) with b_mj = μ (k − j/J) − d_mj (segment j is filled as far as the
     quadratic lets it). The kept mean Σ N u(ν) / Σ N is piecewise linear and falls in ν, with breakpoints
-    b_mj − μ/J and b_mj: ν is found exactly, as in `project_onto_budget`."""
+    b_mj − μ/J and b_mj: ν is found exactly (`budget_multiplier`, as for `project_onto_budget`)."""
     points = density.shape[-1]
     share = np.broadcast_to((weights / max(float(weights.sum()), 1e-300))[:, None], density.shape)
-    free = np.isfinite(density)  # -inf density: a segment below u_min, always filled
-    ends = (mu * (target - np.arange(points) / points) - np.where(free, density, 0.0))[free]
-    weight = share[free] / mu
-    breaks = np.concatenate([ends - mu / points, ends])
-    order = np.argsort(breaks, kind="stable")
-    breaks = breaks[order]
-    slope = np.cumsum(np.concatenate([-weight, weight])[order])  # d(kept mean)/dν right of each breakpoint
-    kept = float(share.sum()) / points + np.concatenate([[0.0], np.cumsum(slope[:-1] * np.diff(breaks))])
-    below = np.flatnonzero(kept <= target)
-    if breaks.size == 0 or below.size == 0:
-        nu = breaks[-1] if breaks.size else 0.0
-    elif below[0] == 0:
-        nu = breaks[0]
+    ends = mu * (target - np.arange(points) / points) - density  # b_mj; +inf for forced segments (-inf density)
+    free = np.isfinite(ends)  # a forced segment (below u_min) is always filled
+    if not free.any():
+        nu = 0.0
     else:
-        i = int(below[0])
-        nu = breaks[i - 1] + (kept[i - 1] - target) * (breaks[i] - breaks[i - 1]) / max(kept[i - 1] - kept[i], 1e-300)
-    bounds = mu * (target - np.arange(points) / points) - density - nu  # +inf for forced segments
-    return np.clip(bounds / mu, 0.0, 1.0 / points).sum(-1)
+        starts = ends[free] - mu / points
+        weight = share[free] / mu
+        nu = budget_multiplier(np.concatenate([starts, ends[free]]), np.concatenate([-weight, weight]),
+                               float(share.sum()) / points, target)
+    return np.clip((ends - nu) / mu, 0.0, 1.0 / points).sum(-1)
 
 
 def shrink_to_pooled(curves: np.ndarray, variances: np.ndarray, weights: np.ndarray) -> np.ndarray:
