@@ -223,6 +223,8 @@ def test_calibration_examples_stop_at_the_token_budget():
     choices = [{"input_ids": [[1, 1], [1, 1, 1]], "attention_mask": [[1, 1], [1, 1, 1]], "labels": 1}] * 4
     assert len(calibration_features(choices, token_budget=10)) == 2  # 5 tokens per feature
     assert len(calibration_features(features, token_budget=10**6)) == 10
+    ids_only = [{"input_ids": [0, 5, 0], "labels": 0}] * 4  # no mask: every id is real, id 0 included
+    assert len(calibration_features(ids_only, token_budget=6)) == 2
 
 
 def test_shipped_task_run_calibrates_on_pool_examples_it_does_not_train_on(tmp_path, bert_dir, monkeypatch):

@@ -90,13 +90,14 @@ class Fitted:
     details: dict | None = None  # metrics.json entries of the fit (the frozen probe: {"probe": ...})
 
 
-def _count_tokens(values) -> int:
-    """Real tokens in a feature's attention mask (a list, or one list per choice; ids count as real)."""
+def _count_tokens(values, mask: bool = True) -> int:
+    """Real tokens of a feature: the ones of its attention mask (`mask`), else every id (a list, or one list per
+    choice)."""
     if isinstance(values, torch.Tensor):
         values = values.tolist()
     if values and isinstance(values[0], (list, tuple, torch.Tensor)):
-        return sum(_count_tokens(v) for v in values)
-    return sum(1 for v in values if v)
+        return sum(_count_tokens(v, mask) for v in values)
+    return sum(1 for v in values if v) if mask else len(values)
 
 
 def calibration_features(features: list[dict], token_budget: int = DEFAULTS.calibration_tokens) -> list[dict]:
@@ -108,7 +109,10 @@ def calibration_features(features: list[dict], token_budget: int = DEFAULTS.cali
         if tokens >= token_budget:
             break
         chosen.append({k: v for k, v in feature.items() if k != "labels"})
-        tokens += _count_tokens(feature.get("attention_mask", feature.get("input_ids", [])))
+        if "attention_mask" in feature:
+            tokens += _count_tokens(feature["attention_mask"])
+        else:  # no mask: every id is real (id 0 included)
+            tokens += _count_tokens(feature.get("input_ids", []), mask=False)
     return chosen
 
 
