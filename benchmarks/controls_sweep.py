@@ -16,8 +16,42 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tau_tables import calibration_of, interval, mean_and_half, setting_of  # noqa: E402
 
+# quality.py --sweep methods as the arms of controls.json: `tspeft train`'s default rule is the learned allocation
+# with the prior at κ = 1 (controls.py's learned-prior arm)
+SWEEP_ARMS = {"lora": "dense", "ts-lora": "learned-prior", "ts-lora:uniform": "uniform", "ts-lora:random": "random"}
 ARM_STYLE = {"learned": ("tab:blue", "o"), "learned-prior": ("tab:purple", "D"), "uniform": ("tab:green", "s"),
              "random": ("tab:red", "^")}
+
+
+def sweep_arm_records(sweep: list[dict], quality: list[dict]) -> list[dict]:
+    """The `quality.py --sweep` runs of every setting swept with a control (ts-lora:random / :uniform), as
+    controls.json records; the setting's strongest frozen baseline in `quality` (zero- or few-shot, same task, model
+    and sizes) joins as its probe arm. τ of those runs is calibrated on unused train examples (`tspeft train`)."""
+    swept = {(r["model"], r["task"], r["sizes"]) for r in sweep if ":" in r["method"]}
+    records = []
+    for model, task, sizes in sorted(swept):
+        runs = [r for r in sweep if (r["model"], r["task"], r["sizes"]) == (model, task, sizes)
+                and r["method"] in SWEEP_ARMS]
+        n_train = max(r["n_train"] for r in runs)
+        setting = f"n_train={n_train} n_eval={runs[0]['n_eval']} {model} {sizes}"
+        for r in runs:
+            arm = SWEEP_ARMS[r["method"]]
+            records.append({"task": task, "arm": arm, "seed": r["seed"], "kept": r.get("target_kept"),
+                            "sizes": setting, "accuracy": r["accuracy"], "kept_fraction": r.get("kept_fraction"),
+                            "n_train": n_train, "n_eval": r["n_eval"], "machine": r.get("machine"),
+                            "calibration": "unused examples" if arm != "dense" else None,
+                            # per-module eval kept fractions: the allocation after calibration
+                            **({"allocation": r["per_module"]} if arm == "learned-prior" and r.get("per_module")
+                               else {})})
+        frozen: dict = defaultdict(list)
+        for r in quality:
+            if (r["model"], r["task"], r.get("sizes")) == (model, task, sizes) and r["method"].startswith("none"):
+                frozen[r["method"]].append(r["accuracy"])
+        if frozen:
+            best = max(frozen.values(), key=lambda accuracies: sum(accuracies) / len(accuracies))
+            records += [{"task": task, "arm": "probe", "seed": i, "kept": None, "sizes": setting, "accuracy": a,
+                         "n_train": n_train} for i, a in enumerate(best)]
+    return records
 
 
 def sweep_settings(records: list[dict]) -> dict:
@@ -83,7 +117,8 @@ def sweep_section(records: list[dict], root: Path) -> list[str]:
     if not settings:
         return ["No sweep yet: `python benchmarks/controls.py --task trec --kept 0.3 --arms learned,uniform,random "
                 "--seeds 0,1,2` (and 0.7, 0.9).", ""]
-    lines = ["MiniLM-L6 + LoRA r=8 through `benchmarks/controls.py` (sizes as in \"τ rule vs controls\"); "
+    lines = ["MiniLM-L6 + LoRA r=8 through `benchmarks/controls.py`, and SmolLM2-135M + LoRA through `tspeft train` "
+             "(`quality.py --sweep` with the controls; settings naming smollm2), sizes as in \"τ rule vs controls\"; "
              "τ calibrated on unused pool examples. Bars and intervals: 95 % t-intervals over seeds; paired "
              "differences use the same seed (examples, order, initialisation) of both arms.", ""]
     for (task, sizes), arms in sorted(settings.items()):

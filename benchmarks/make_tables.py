@@ -139,6 +139,9 @@ def quality_section(records: list[dict]) -> list[str]:
 def sweep_section(records: list[dict]) -> list[str]:
     if not records:
         return ["No sweep results yet: run `python benchmarks/quality.py --suite encoder --sweep`.", ""]
+    # settings swept with the controls are in "τ rule vs controls: accuracy vs kept", a line per arm
+    with_controls = {(r["model"], r["task"]) for r in records if ":" in r["method"]}
+    records = [r for r in records if (r["model"], r["task"]) not in with_controls]
     lines = ["| model | task | target kept | measured kept | accuracy |", "|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for (model, task), methods in sorted(grouped(records).items()):
@@ -364,12 +367,13 @@ def main() -> None:
     out += ["## Accuracy vs kept fraction", ""] + sweep_section(sweep)
     out += ["## Which tokens are kept", ""] + token_section(quality)
     out += ["## Module importance: budgeted module selection", ""] + importance_section(load("importance.json"))
+    from controls_sweep import sweep_arm_records
+    from controls_sweep import sweep_section as controls_sweep_section
     from tau_tables import calibration_section, controls_section, diagnosis_section, lambda_section, same_seed_lines
 
-    out += ["## τ rule vs controls", ""] + controls_section(load("controls.json"))
-    from controls_sweep import sweep_section as controls_sweep_section
-
-    out += ["## τ rule vs controls: accuracy vs kept", ""] + controls_sweep_section(load("controls.json"), ROOT)
+    controls = load("controls.json") + sweep_arm_records(sweep, quality)
+    out += ["## τ rule vs controls", ""] + controls_section(controls)
+    out += ["## τ rule vs controls: accuracy vs kept", ""] + controls_sweep_section(controls, ROOT)
     from tau_tables import prior_section
 
     out += ["## τ rule: choosing the prior κ (development split)", ""] + prior_section(load("prior_dev.json"))

@@ -7,6 +7,8 @@ interrupted suite resumes where it stopped. Tables and plots: `python benchmarks
     python benchmarks/quality.py --suite encoder            # MiniLM-L6: rotten_tomatoes, sst2, boolq
     python benchmarks/quality.py --suite decoder            # SmolLM2: piqa, obqa, boolq_mc, asdiv, trec_gen
     python benchmarks/quality.py --suite encoder --sweep    # kept 0.9/0.7/0.5/0.3 on rotten_tomatoes
+    python benchmarks/quality.py --suite decoder --sweep --sweep-task trec_gen \
+        --sweep-methods ts-lora,ts-lora:uniform,ts-lora:random --seeds 0   # the sweep with the τ-rule controls
     python benchmarks/quality.py --suite decoder --lr-tune 1e-4,5e-4,2e-3   # dense LoRA, seed 0, sweep task
 """
 
@@ -29,6 +31,7 @@ from provenance import code_commit  # noqa: E402
 from tspeft.cli.main import main as tspeft_main  # noqa: E402
 from tspeft.core.io import atomic_write  # noqa: E402
 from tspeft.training.defaults import default_lr  # noqa: E402
+from tspeft.training.run_config import split_method_spec  # noqa: E402
 
 SUITES = {
     # sizes: 63 optimizer steps per encoder run (about 1 min on 2 quiet CPU cores: ~1 h for the whole encoder suite);
@@ -78,7 +81,8 @@ def save_records(path: Path, records: list[dict]) -> None:
 
 
 def run_dir(runs_dir: str, suite_name: str, task: str, method: str, seed: int, kept: str | None) -> Path:
-    return Path(runs_dir) / suite_name / task / f"{method}{'@' + kept if kept else ''}-s{seed}"
+    folder = method.replace(":", "_")  # ts-lora:random -> ts-lora_random
+    return Path(runs_dir) / suite_name / task / f"{folder}{'@' + kept if kept else ''}-s{seed}"
 
 
 def token_stats_of(out: Path) -> dict | None:
@@ -131,7 +135,10 @@ def run_one(suite: dict, task: str, method: str, seed: int, out: Path, extra: li
     # again, replacing it whole
     shots = ["--few-shot", str(FEW_SHOT[method])] if method in FEW_SHOT else []
     own = suite.get("task_train_flags", {}).get(task, {}).get(method, [])
-    args = ["train", "--task", task, "--model", suite["model"], "--method", "none" if shots else method,
+    # a control (ts-lora:random) is its method with the control's --allocation/--selection, as `tspeft compare` runs it
+    base_method, control = ("none", {}) if shots else split_method_spec(method)
+    control_flags = [flag for key, value in control.items() for flag in (f"--{key}", value)]
+    args = ["train", "--task", task, "--model", suite["model"], "--method", base_method, *control_flags,
             "--seed", str(seed), "--out", str(out), "--overwrite", *sizes_of(suite, task), *own, *shots, *extra]
     tspeft_main(args)
     return json.loads((out / "metrics.json").read_text())
@@ -169,6 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr-tune", metavar="LRS",
                         help="comma-separated learning rates: dense LoRA on the suite's sweep "
                         "task, first seed only (the one tuning of the dense baseline); writes lr_tuning.json")
+    parser.add_argument("--sweep-task", help="the task of --sweep (default: the suite's sweep task)")
+    parser.add_argument("--sweep-methods", default="ts-lora",
+                        help="comma-separated token-selective methods or controls of --sweep, e.g. "
+                             "ts-lora,ts-lora:uniform,ts-lora:random (dense lora is always run as the reference)")
+    parser.add_argument("--sweep-kept", default=",".join(SWEEP_KEPT), help="comma-separated targets of --sweep")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
     parser.add_argument("--methods", help="comma-separated subset of the suite's methods")
@@ -204,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[quality] majority-class accuracy added to {refreshed} records of {results}")
         return
     if args.sweep:
-        plan = [(suite["sweep_task"], "ts-lora", kept) for kept in SWEEP_KEPT] + [(suite["sweep_task"], "lora", None)]
+        task = args.sweep_task or suite["sweep_task"]
+        plan = [(task, "lora", None)] + [(task, method, kept) for kept in args.sweep_kept.split(",")
+                                         for method in args.sweep_methods.split(",")]
     else:
         tasks = args.tasks.split(",") if args.tasks else suite["tasks"]
         methods = args.methods.split(",") if args.methods else suite["methods"]
@@ -225,9 +239,9 @@ def main(argv: list[str] | None = None) -> None:
                                                   "eval_seconds", "trainable_params", "per_module", "n_train",
                                                   "n_eval")}
             if metrics.get("generation"):
-                record.update(method=method, generation=metrics["generation"], eval_loss=metrics.get("eval_loss"),
+                record.update(generation=metrics["generation"], eval_loss=metrics.get("eval_loss"),
                               perplexity=metrics.get("perplexity"))
-            record.update(model=suite["model"], suite=args.suite, target_kept=key_target,
+            record.update(method=method, model=suite["model"], suite=args.suite, target_kept=key_target,
                           target_kept_used=metrics.get("target_kept"),
                           sizes=" ".join(sizes_of(suite, task)), machine=MACHINE + f", device {metrics.get('device')}",
                           commit=code_commit())

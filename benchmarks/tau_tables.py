@@ -139,6 +139,10 @@ def controls_section(records: list[dict]) -> list[str]:
              "embeddings (L-BFGS to convergence, L2 chosen on a held-out fifth of the training examples). "
              f"Machine (from the records): {'; '.join(sorted({str(r.get('machine')) for r in records}))}; times "
              "are not comparable across runs.", ""]
+    if any(" smollm2 " in r["sizes"] for r in records):
+        lines += ["Settings naming smollm2: SmolLM2-135M + LoRA through `tspeft train` (`quality.py --sweep` with "
+                  "ts-lora, ts-lora:uniform and ts-lora:random; learned-prior is plain ts-lora, the default rule); "
+                  "their probe is the strongest frozen prompt baseline (zero- or 3-shot) of the quality suite.", ""]
     by_setting = defaultdict(list)
     for r in records:
         if r["arm"] != "probe":

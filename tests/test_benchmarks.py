@@ -275,3 +275,57 @@ def test_controls_learned_prior_arm_runs_the_default_prior():
     controls = _load("controls")
     assert controls.ARMS["learned-prior"][1]["allocation_prior"] == TokenSelectiveConfig().allocation_prior
     assert controls.ARMS["learned"][1]["allocation_prior"] == 0.0
+
+
+def test_quality_sweep_runs_controls_through_tspeft_train_flags(tmp_path, monkeypatch):
+    quality = _load("quality")
+    calls = []
+
+    def fake_train(args):
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True)
+        kept = float(args[args.index("--target-kept") + 1]) if "--target-kept" in args else None
+        (out / "metrics.json").write_text(json.dumps({"task": "trec_gen", "method": args[args.index("--method") + 1],
+                                                      "seed": 0, "accuracy": 0.5, "kept_fraction": kept}))
+        calls.append(args)
+
+    monkeypatch.setattr(quality, "tspeft_main", fake_train)
+    argv = ["--suite", "decoder", "--sweep", "--sweep-task", "trec_gen", "--sweep-methods", "ts-lora,ts-lora:random",
+            "--sweep-kept", "0.5", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "sweep.json")]
+    quality.main(argv)
+    records = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(r["method"], r["target_kept"]) for r in records] == [("lora", None), ("ts-lora", 0.5),
+                                                                  ("ts-lora:random", 0.5)]
+    random_run = calls[2]
+    assert random_run[random_run.index("--method") + 1] == "ts-lora"
+    assert random_run[random_run.index("--allocation") + 1] == "uniform"
+    assert random_run[random_run.index("--selection") + 1] == "random"
+    assert "--allocation" not in calls[1] and "--n-train" in calls[1]  # the plain rule; trec_gen's own sizes
+    assert Path(random_run[random_run.index("--out") + 1]).name == "ts-lora_random@0.5-s0"
+    quality.main(argv)  # resumable: every run is recorded, nothing is trained again
+    assert len(calls) == 3
+
+
+def test_decoder_sweep_with_controls_joins_the_controls_tables(tmp_path):
+    sweep_module, tau_tables = _load("controls_sweep"), _load("tau_tables")
+    sizes = "--n-train 480 --max-steps 60"
+    run = {"model": "smollm2", "task": "trec_gen", "sizes": sizes, "n_train": 480, "n_eval": 200}
+    sweep = [{**run, "method": method, "seed": seed, "target_kept": kept, "accuracy": acc + 0.01 * seed,
+              "kept_fraction": kept, "per_module": {"a": 0.4 + 0.1 * seed, "b": 0.6}}
+             for method, kept, acc in (("lora", None, 0.78), ("ts-lora", 0.5, 0.77), ("ts-lora:random", 0.5, 0.70))
+             for seed in (0, 1)]
+    sweep.append({**run, "task": "piqa", "method": "ts-lora", "seed": 0, "target_kept": 0.5, "accuracy": 0.6})
+    quality = [{**run, "n_train": 0, "method": method, "seed": 0, "accuracy": acc}
+               for method, acc in (("none", 0.0), ("none-3shot", 0.25))]
+    quality.append({**run, "sizes": "other", "method": "none-3shot", "seed": 0, "accuracy": 0.9})  # other sizes
+    records = sweep_module.sweep_arm_records(sweep, quality)
+    assert {r["task"] for r in records} == {"trec_gen"}  # piqa ran no control: not a controls setting
+    arms = sorted((r["arm"], r["seed"], r["kept"]) for r in records)
+    assert arms == [("dense", 0, None), ("dense", 1, None), ("learned-prior", 0, 0.5), ("learned-prior", 1, 0.5),
+                    ("probe", 0, None), ("random", 0, 0.5), ("random", 1, 0.5)]
+    assert [r["accuracy"] for r in records if r["arm"] == "probe"] == [0.25]  # the stronger frozen baseline
+    text = "\n".join(tau_tables.controls_section(records))
+    assert "Dense LoRA − probe: +53.5 points: in regime." in text
+    assert "| learned-prior − random | +7.0" in text and "Settings naming smollm2" in text
+    assert "Spearman ρ of the per-module u between seeds" in text
