@@ -131,6 +131,20 @@ def setting_lines(task: str, sizes: str, runs: list[dict], probes: list[float]) 
     return lines
 
 
+def target_lines(records: list[dict], tolerance: float = 0.02) -> list[str]:
+    """How many ts runs measured an eval kept fraction within ±tolerance of their target, and which did not."""
+    runs = [r for r in records if r.get("kept") is not None and r.get("kept_fraction") is not None]
+    missed = [r for r in runs if abs(r["kept_fraction"] - r["kept"]) > tolerance]
+    if not runs:
+        return []
+    how = {"": "τ calibrated on its training examples", "unused": "τ calibrated on unused examples",
+           "uncalibrated": "τ uncalibrated"}
+    named = "; ".join(f"{r['task']} {r['arm']} seed {r['seed']} at {r['kept']}: {r['kept_fraction']:.3f} "
+                      f"({how[calibration_of(r)]})" for r in missed)
+    return [f"Eval kept fraction within ±{tolerance} of the target: {len(runs) - len(missed)} of {len(runs)} ts runs"
+            + (f"; outside: {named}." if missed else "."), ""]
+
+
 def controls_section(records: list[dict]) -> list[str]:
     if not records:
         return ["No runs yet: `python benchmarks/controls.py --task sst5 --kept 0.5 --seeds 0,1,2`.", ""]
@@ -143,6 +157,7 @@ def controls_section(records: list[dict]) -> list[str]:
         lines += ["Settings naming smollm2: SmolLM2-135M + LoRA through `tspeft train` (`quality.py --sweep` with "
                   "ts-lora, ts-lora:uniform and ts-lora:random; learned-prior is plain ts-lora, the default rule); "
                   "their probe is the strongest frozen prompt baseline (zero- or 3-shot) of the quality suite.", ""]
+    lines += target_lines(records)
     by_setting = defaultdict(list)
     for r in records:
         if r["arm"] != "probe":

@@ -329,3 +329,14 @@ def test_decoder_sweep_with_controls_joins_the_controls_tables(tmp_path):
     assert "Dense LoRA − probe: +53.5 points: in regime." in text
     assert "| learned-prior − random | +7.0" in text and "Settings naming smollm2" in text
     assert "Spearman ρ of the per-module u between seeds" in text
+
+
+def test_target_lines_name_every_run_outside_the_tolerance():
+    tau_tables = _load("tau_tables")
+    runs = [{"task": "t", "arm": "learned", "seed": s, "kept": 0.5, "kept_fraction": k, "sizes": "n_train=1"}
+            for s, k in enumerate((0.5, 0.519, 0.479))]
+    runs.append({"task": "t", "arm": "dense", "seed": 0, "kept": None, "kept_fraction": 1.0, "sizes": "n_train=1"})
+    (line, _) = tau_tables.target_lines(runs)
+    assert line == ("Eval kept fraction within ±0.02 of the target: 2 of 3 ts runs; outside: t learned seed 2 at 0.5: "
+                    "0.479 (τ calibrated on its training examples).")
+    assert tau_tables.target_lines(runs[3:]) == []
