@@ -34,6 +34,7 @@ import platform
 import random
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import get_linear_schedule_with_warmup, set_seed  # noqa: E402
 
+from pinned_allocation import PINNED_ARMS, SOURCE_ARM, pinned_allocation, pinned_u  # noqa: E402
 from provenance import code_commit  # noqa: E402
 from tspeft.core.io import atomic_write  # noqa: E402
 from tspeft.tasks.data import get_task, load_task, split_examples, unused_train_examples  # noqa: E402
@@ -64,6 +66,8 @@ ARMS = {  # arm -> (method, TokenSelectiveConfig overrides)
                                   "allocation_prior": LEARNED_PRIOR}),
     "uniform": ("ts-lora", {"allocation": "uniform", "selection": "magnitude"}),
     "random": ("ts-lora", {"allocation": "uniform", "selection": "random"}),
+    # diagnostics: the allocation pinned at the same seed's learned-prior result, or its mirror (pinned_allocation.py)
+    **{arm: ("ts-lora", {"allocation": "uniform", "selection": "magnitude"}) for arm in PINNED_ARMS},
 }
 KEYS = ("task", "arm", "seed", "kept", "sizes")
 CALIBRATED_ON_UNUSED = " calibrated-on-unused"  # sizes suffix of ts arms whose τ was calibrated on unused examples
@@ -108,9 +112,12 @@ def features_and_collator(task_data: TaskData, tokenizer, examples: list[dict], 
     return task_data.kind.features(tokenizer, examples, max_length), task_data.kind.collator(tokenizer)
 
 
-def fit_arm(task_data: TaskData, arm: str, args, seed: int, on_step=None) -> dict:
+def fit_arm(task_data: TaskData, arm: str, args, seed: int, on_step=None, source: dict | None = None) -> dict:
     """Train one run of `arm` (see ARMS), τ not yet calibrated: {"model", "tokenizer", "features", "collate",
-    "train_seconds", "train_steps"}; `on_step(model, step, loss)` is called after each τ-rule step."""
+    "train_seconds", "train_steps"}; `on_step(model, step, loss)` is called after each τ-rule step; `source`: the
+    allocation a pinned arm pins (PINNED_ARMS)."""
+    if arm in PINNED_ARMS:
+        return fit_pinned(task_data, arm, args, seed, on_step, source)
     method, overrides = ARMS[arm]
     set_seed(seed)
     base, tokenizer = load_base("minilm", task_data.kind, task_data.num_labels)
@@ -144,6 +151,23 @@ def fit_arm(task_data: TaskData, arm: str, args, seed: int, on_step=None) -> dic
             "train_seconds": round(time.perf_counter() - start, 1), "train_steps": step}
 
 
+def fit_pinned(task_data: TaskData, arm: str, args, seed: int, on_step, source: dict | None) -> dict:
+    """A pinned arm: the uniform arm's run with every allocation step returning the pinned u. The pin is set at the
+    first τ-rule step (inside the warm-up, before any allocation step), once the gates' names are known."""
+    if not source:
+        raise SystemExit(f"--arms {arm}: run the {SOURCE_ARM} arm of seed {seed} at kept {args.kept} first "
+                         "(its allocation is what the arm pins)")
+    with ExitStack() as pins:
+        def pin_then_report(model, step, loss):
+            if step == 1:
+                u = pinned_u(source, list(model.gates), args.kept, PINNED_ARMS[arm], model.ts_config.min_kept)
+                pins.enter_context(pinned_allocation(u))
+            if on_step is not None:
+                on_step(model, step, loss)
+
+        return fit_arm(task_data, "uniform", args, seed, pin_then_report)
+
+
 def calibrate(model, features: list[dict], collate, examples: int, max_rounds: int = 4) -> int:
     """τ calibrated in eval mode on the first `examples` of `features` (`TSPeftModel.calibrate`); the rounds."""
     model.eval()
@@ -169,9 +193,9 @@ def evaluate_arm(fitted: dict, task_data: TaskData, args) -> dict:
     return record
 
 
-def train_arm(task_data: TaskData, arm: str, args, seed: int, on_step=None) -> dict:
+def train_arm(task_data: TaskData, arm: str, args, seed: int, on_step=None, source: dict | None = None) -> dict:
     """One run of `arm`: fit, calibrate τ (ts arms, unless --no-calibrate; --calibrate-on), evaluate."""
-    fitted = fit_arm(task_data, arm, args, seed, on_step)
+    fitted = fit_arm(task_data, arm, args, seed, on_step, source)
     if not (hasattr(fitted["model"], "gates") and args.calibrate):
         return evaluate_arm(fitted, task_data, args)
     features, collate = fitted["features"], fitted["collate"]
@@ -274,7 +298,9 @@ def main(argv=None) -> None:
             if any(all(r.get(k) == key[k] for k in KEYS) for r in records):
                 continue
             print(f"{args.task} {arm} seed {seed} ...", flush=True)
-            result = probe(task_data, args) if arm == "probe" else train_arm(task_data, arm, args, seed)
+            source = next((r.get("allocation") for r in records if arm in PINNED_ARMS and r["arm"] == SOURCE_ARM
+                           and all(r.get(k) == key[k] for k in KEYS if k != "arm")), None)
+            result = probe(task_data, args) if arm == "probe" else train_arm(task_data, arm, args, seed, source=source)
             record = {**key, **result, "n_train": len(task_data.train), "n_eval": len(task_data.eval),
                       "num_labels": task_data.num_labels, "commit": code_commit(),
                       "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}"}

@@ -15,8 +15,9 @@ from pathlib import Path
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 PAIRS = [("learned", "dense"), ("uniform", "dense"), ("random", "dense"), ("learned", "uniform"),
          ("learned", "random"), ("learned-prior", "dense"), ("learned-prior", "uniform"), ("learned-prior", "random"),
-         ("learned-prior", "learned")]
-TS_ARMS = ("learned", "learned-prior", "uniform", "random")
+         ("learned-prior", "learned"), ("fixed-prior", "uniform"), ("inverted-prior", "uniform"),
+         ("inverted-prior", "fixed-prior")]
+TS_ARMS = ("learned", "learned-prior", "uniform", "random", "fixed-prior", "inverted-prior")
 REGIME_MARGIN = 0.05
 # How a ts arm's τ was calibrated, from the suffix controls.py adds to its sizes ("": training examples, one pass).
 CALIBRATIONS = {"uncalibrated": " uncalibrated", "unused": " calibrated-on-unused"}
