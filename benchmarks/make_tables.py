@@ -260,54 +260,6 @@ def token_section(records: list[dict]) -> list[str]:
     return lines + ["![kept fraction by token kind and layer](tokens.png)", ""]
 
 
-def importance_section(records: list[dict]) -> list[str]:
-    if not records:
-        return ["No module-selection results yet: run "
-                "`python benchmarks/importance_selection.py --suite encoder`.", ""]
-    lines = ["LoRA retrained on the top-k modules of each ranking (same rank, steps, lr); accuracy mean ± std over "
-             "seeds. The claim holds here if `kept_fraction` (learned token sparsity) beats the weight criteria "
-             "(`delta_weight_norm` ‖sBA‖, `factor_norm` ‖A‖‖B‖) and `random`.", "",
-             "| model | task | k / modules | criterion | seeds | accuracy |", "|---|---|---|---|---|---|"]
-    table = defaultdict(list)
-    for r in records:
-        table[(r["model"], r["task"], r["k"], r["n_modules"], r["criterion"])].append(r["accuracy"])
-    for (model, task, k, n, criterion), acc in sorted(table.items()):
-        lines.append(f"| {model} | {task} | {k} / {n} | {criterion} | {len(acc)} | {fmt(acc)} |")
-    lines.append("")
-    budgets = sorted({key[:4] for key in table})
-    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.4), squeeze=False)
-    for ax, (model, task, k, n) in zip(axes[0], budgets):
-        scores = {c: mean_std(acc) for (m, t, kk, nn, c), acc in table.items()
-                  if (m, t, kk, nn) == (model, task, k, n)}
-        names = sorted(scores, key=lambda c: -scores[c][0])
-        ax.bar(range(len(names)), [scores[c][0] for c in names], yerr=[scores[c][1] for c in names], capsize=3,
-               color=["tab:orange" if c == "kept_fraction" else "tab:blue" for c in names])
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        low = min(scores[c][0] - scores[c][1] for c in names)
-        ax.set_ylim(max(0.0, low - 0.03), None)
-        ax.set_title(f"{model} / {task}: top {k} of {n} modules", fontsize=9)
-        ax.set_ylabel("accuracy")
-        learned = scores.get("kept_fraction")
-        weights = [scores[c][0] for c in ("delta_weight_norm", "factor_norm") if c in scores]
-        floor = scores.get("random")
-        if learned is None or not weights or floor is None:
-            continue
-        margin = learned[0] - max(weights)
-        noise = max(learned[1], max(scores[c][1] for c in scores))
-        verdict = ("holds" if margin > noise and learned[0] > floor[0] else
-                   "is not supported (within seed noise)" if abs(margin) <= noise else "does not hold")
-        mean_r = scores.get("relative_magnitude")
-        lines.append(f"- {model} / {task}, top {k} of {n} modules: learned kept fraction {learned[0]:.3f} vs best "
-                     f"weight criterion {max(weights):.3f} (Δ {margin:+.3f}, largest seed std {noise:.3f}) and random "
-                     f"{floor[0]:.3f}: the claim {verdict} here."
-                     + (f" (The gate's other learned statistic, mean relative magnitude r, scored {mean_r[0]:.3f}.)"
-                        if mean_r else ""))
-    fig.tight_layout()
-    fig.savefig(ROOT / "importance.png", dpi=110)
-    plt.close(fig)
-    return lines + ["", "![accuracy per selection criterion](importance.png)", ""]
-
-
 def lr_tuning_lines(records: list[dict], suite_lrs: dict[str, float]) -> list[str]:
     """The one learning-rate tuning of the dense baseline per suite (quality.py --lr-tune).
 
@@ -366,7 +318,11 @@ def main() -> None:
     out += ["## Quality (dense vs token-selective)", ""] + quality_section(quality)
     out += ["## Accuracy vs kept fraction", ""] + sweep_section(sweep)
     out += ["## Which tokens are kept", ""] + token_section(quality)
-    out += ["## Module importance: budgeted module selection", ""] + importance_section(load("importance.json"))
+    from importance_tables import importance_section, regime_margins
+
+    margins = regime_margins(load("controls.json"), quality)
+    out += ["## Module importance: budgeted module selection", ""] + importance_section(load("importance.json"),
+                                                                                      margins, ROOT)
     from controls_sweep import sweep_arm_records
     from controls_sweep import sweep_section as controls_sweep_section
     from tau_tables import calibration_section, controls_section, diagnosis_section, lambda_section, same_seed_lines

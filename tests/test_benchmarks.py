@@ -82,17 +82,26 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
     quality += [{"task": "balance", "model": "m", "method": method, "seed": seed, "accuracy": 0.60 + 0.01 * seed,
                  "train_seconds": 1.0, "kept_fraction": kept, "majority_accuracy": 0.58, "n_eval": 200}
                 for seed in range(2) for method, kept in [("lora", 1.0), ("ts-lora", 0.7)]]
-    importance = [{"model": "m", "task": "t", "k": 2, "n_modules": 8, "criterion": c, "seed": seed, "accuracy": acc}
-                  for seed in range(3) for c, acc in [("kept_fraction", 0.9), ("relative_magnitude", 0.8),
-                                                      ("delta_weight_norm", 0.7), ("factor_norm", 0.6),
-                                                      ("random", 0.5)]]
+    importance = [{"model": "m", "task": task, "k": 2, "n_modules": 8, "criterion": c, "seed": seed,
+                   "accuracy": acc + (0.01 * seed if c == "kept_fraction" else 0.0), "sizes": "--n-train 100"}
+                  for task in ("t", "u") for seed in range(3)
+                  for c, acc in [("kept_fraction", 0.9), ("relative_magnitude", 0.8), ("delta_weight_norm", 0.7),
+                                 ("factor_norm", 0.6), ("random", 0.5)]]
+    # t is in regime at 100 training examples (dense 0.9 vs probe 0.5); u has no frozen baseline
+    controls = [{"task": "t", "arm": arm, "seed": 0, "kept": None, "sizes": "n_train=100", "n_train": 100,
+                 "accuracy": acc} for arm, acc in (("probe", 0.5), ("dense", 0.9))]
     (results / "quality.json").write_text(json.dumps(quality))
     (results / "importance.json").write_text(json.dumps(importance))
+    (results / "controls.json").write_text(json.dumps(controls))
     tables.main()
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| m | t | lora → ts-lora | 0.500 | -0.100 | 0.010 | no |" in text  # 10 points lost: the claim fails
-    assert "the claim holds here" in text and (tmp_path / "importance.png").is_file()
-    assert "mean relative magnitude r, scored 0.800" in text
+    assert ("- m / t, top 2 of 8 modules: learned kept fraction 0.910; − best weight criterion (delta_weight_norm, "
+            "0.700) +21.0 [+18.5, +23.5] points (3 seeds); − random (0.500) +41.0 [+38.5, +43.5] points (3 seeds); "
+            "mean r 0.800, − delta_weight_norm +10.0 [+10.0, +10.0] points (3 seeds). In regime (dense − frozen "
+            "+40.0 points): the claim holds (both intervals above 0).") in text
+    assert "- m / u, top 2 of 8 modules" in text and "(no frozen baseline at this size): flagged, no verdict." in text
+    assert (tmp_path / "importance.png").is_file()
     assert "| special | 0.20 | 0.40 | 0.30 |" in text and "content tokens are kept most (0.70)" in text
     assert "- Most kept tokens: `great` 0.91" in text
     assert "- Least kept tokens: `a` 0.10, `the` 0.20, `␣sun` 0.30" in text
