@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -93,7 +94,22 @@ def allocation_lines(learned: dict, kept: float, arm: str = "learned") -> list[s
                            for r in runs.values())
         spread = statistics.fmean(statistics.pstdev(r["allocation"].values()) for r in runs.values())
         lines += [f"Per-module u of {arm} at kept {kept}: std {spread:.3f} across modules, range {ranges}.", ""]
+        by_layer = layer_means(list(runs.values()))
+        if by_layer:
+            lines += [f"Mean u of {arm} at kept {kept} by layer (over modules and seeds): "
+                      + ", ".join(f"{layer}: {u:.2f}" for layer, u in by_layer.items()) + ".", ""]
     return lines
+
+
+def layer_means(runs: list[dict]) -> dict[int, float]:
+    """{layer: mean u} over the runs' modules whose names hold a layer index (`layer.3.`, `layers.3.`)."""
+    values = defaultdict(list)
+    for run in runs:
+        for name, u in run["allocation"].items():
+            found = re.search(r"\blayers?\.(\d+)\.", name)
+            if found:
+                values[int(found.group(1))].append(u)
+    return {layer: statistics.fmean(us) for layer, us in sorted(values.items())}
 
 
 def setting_lines(task: str, sizes: str, runs: list[dict], probes: list[float]) -> list[str]:

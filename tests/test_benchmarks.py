@@ -349,3 +349,10 @@ def test_target_lines_name_every_run_outside_the_tolerance():
     assert line == ("Eval kept fraction within ±0.02 of the target: 2 of 3 ts runs; outside: t learned seed 2 at 0.5: "
                     "0.479 (τ calibrated on its training examples).")
     assert tau_tables.target_lines(runs[3:]) == []
+
+
+def test_layer_means_group_modules_by_their_layer_index():
+    runs = [{"allocation": {"bert.encoder.layer.0.attention.self.query": 0.2, "bert.encoder.layer.1.output.dense": 0.6,
+                            "model.layers.1.mlp.up_proj": 0.8, "classifier": 0.5}},
+            {"allocation": {"bert.encoder.layer.0.attention.self.query": 0.4}}]
+    assert _load("tau_tables").layer_means(runs) == pytest.approx({0: 0.3, 1: 0.7})
