@@ -76,15 +76,19 @@ def sweep_rows(arms: dict) -> list[str]:
     rows = ["| arm | kept target | accuracy (mean [95 % interval]) | − dense, paired (points) |", "|---|---|---|---|"]
     for arm in [a for a in ARM_STYLE if a in arms]:
         for kept, seeds in sorted(arms[arm].items()):
-            mean, half = mean_and_half(list(seeds.values()))
             common = sorted(set(seeds) & set(dense))
             paired = interval([seeds[s] - dense[s] for s in common]) if common else "–"
-            rows.append(f"| {arm} | {kept} | {mean:.3f} [{mean - half:.3f}, {mean + half:.3f}] ({len(seeds)} seeds) "
-                        f"| {paired} |")
+            rows.append(f"| {arm} | {kept} | {mean_with_interval(list(seeds.values()))} | {paired} |")
     if dense:
-        mean, half = mean_and_half(list(dense.values()))
-        rows.append(f"| dense | 1 | {mean:.3f} [{mean - half:.3f}, {mean + half:.3f}] ({len(dense)} seeds) | – |")
+        rows.append(f"| dense | 1 | {mean_with_interval(list(dense.values()))} | – |")
     return rows + [""]
+
+
+def mean_with_interval(values: list[float]) -> str:
+    mean, half = mean_and_half(values)
+    if len(values) < 2:  # no interval from one seed
+        return f"{mean:.3f} (1 seed)"
+    return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}] ({len(values)} seeds)"
 
 
 def plot_sweeps(settings: dict, path: Path) -> None:

@@ -330,6 +330,9 @@ def main() -> None:
     controls = load("controls.json") + sweep_arm_records(sweep, quality)
     out += ["## τ rule vs controls", ""] + controls_section(controls)
     out += ["## τ rule vs controls: accuracy vs kept", ""] + controls_sweep_section(controls, ROOT)
+    from target_tables import targets_section
+
+    out += ["## τ rule: the targets", ""] + targets_section(controls)
     from tau_tables import prior_section
 
     out += ["## τ rule: choosing the prior κ (development split)", ""] + prior_section(load("prior_dev.json"))

@@ -15,6 +15,8 @@ REQUIRED = {"case", "hidden", "tokens", "method", "baseline", "train_step_ratio"
 
 
 def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:  # the benchmark modules import each other (tau_tables, provenance)
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -356,3 +358,26 @@ def test_layer_means_group_modules_by_their_layer_index():
                             "model.layers.1.mlp.up_proj": 0.8, "classifier": 0.5}},
             {"allocation": {"bert.encoder.layer.0.attention.self.query": 0.4}}]
     assert _load("tau_tables").layer_means(runs) == pytest.approx({0: 0.3, 1: 0.7})
+
+
+def test_targets_table_says_which_target_is_met_and_by_how_much():
+    targets = _load("target_tables")
+    sizes = "n_train=100 n_eval=50"
+
+    def run(arm, seed, accuracy, kept=None, kept_fraction=None, allocation=None):
+        record = {"task": "t", "arm": arm, "seed": seed, "kept": kept, "accuracy": accuracy, "n_train": 100,
+                  "sizes": sizes + ("" if arm in ("dense", "probe") else " calibrated-on-unused"),
+                  "kept_fraction": kept_fraction}
+        return {**record, "allocation": allocation} if allocation else record
+
+    records = [run("probe", 0, 0.5)]
+    for seed in range(3):
+        records += [run("dense", seed, 0.80 + 0.01 * seed),
+                    run("learned-prior", seed, 0.79 + 0.01 * seed, 0.5, 0.51, {"a": 0.2, "b": 0.8, "c": 0.5}),
+                    run("uniform", seed, 0.78 + 0.01 * seed, 0.5, 0.5),
+                    run("random", seed, 0.70 + 0.01 * seed, 0.5, 0.53),
+                    run("learned-prior", seed, 0.80 + 0.01 * seed, 0.7, 0.7)]
+    (row,) = [line for line in targets.targets_section(records) if line.startswith("| t ")]
+    assert row == ("| t (100 train) | +31.0 | +1.0 [+1.0, +1.0] (3): met | +9.0 [+9.0, +9.0] (3): met | "
+                   "-1.0 [-1.0, -1.0] (3): missed by 0.5 | +0.0 [+0.0, +0.0] (3): met | 0.030 (12 runs): missed | "
+                   "1.00: met |")
