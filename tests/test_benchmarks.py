@@ -97,7 +97,10 @@ def test_make_tables_renders_quality_and_importance_verdicts(tmp_path, monkeypat
     (results / "controls.json").write_text(json.dumps(controls))
     tables.main()
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "| m | t | lora → ts-lora | 0.500 | -0.100 | 0.010 | no |" in text  # 10 points lost: the claim fails
+    # 10 points lost: the claim fails; no frozen baseline for t: not shown in regime
+    assert "| m | t | lora → ts-lora | 0.500 | -10.0 [-10.0, -10.0] (3) | – | flagged: no |" in text
+    # stuck: dense 0.6 is below its zero-shot 0.65: flagged; its pair discards 30 % at Δ 0: the claim holds there
+    assert "| m | stuck | lora → ts-lora | 0.300 | +0.0 [+0.0, +0.0] (2) | -5.0 | flagged: yes |" in text
     assert ("- m / t, top 2 of 8 modules: learned kept fraction 0.910; − best weight criterion (delta_weight_norm, "
             "0.700) +21.0 [+18.5, +23.5] points (3 seeds); − random (0.500) +41.0 [+38.5, +43.5] points (3 seeds); "
             "mean r 0.800, − delta_weight_norm +10.0 [+10.0, +10.0] points (3 seeds). In regime (dense − frozen "
