@@ -384,3 +384,22 @@ def test_targets_table_says_which_target_is_met_and_by_how_much():
     assert row == ("| t (100 train) | +31.0 | +1.0 [+1.0, +1.0] (3): met | +9.0 [+9.0, +9.0] (3): met | "
                    "-1.0 [-1.0, -1.0] (3): missed by 0.5 | +0.0 [+0.0, +0.0] (3): met | 0.030 (12 runs): missed | "
                    "1.00: met |")
+
+
+def test_readme_results_block_comes_from_results_md(tmp_path, monkeypatch):
+    script = BENCHMARKS.parent / "scripts" / "readme_figures.py"
+    spec = importlib.util.spec_from_file_location("_readme_figures", script)
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "RESULTS.md").write_text(
+        "# R\n\n## Quality\n\n### Does discarding 30–70 % of token updates keep accuracy?\n\n| claims |\n\n"
+        "## τ rule: the targets\n\n| targets |\n\n## Next\n\nnot copied\n")
+    (tmp_path / "README.md").write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
+    monkeypatch.setattr(figures, "ROOT", tmp_path)
+    figures.main("--results-only")
+    readme = (tmp_path / "README.md").read_text()
+    assert "| targets |" in readme and "| claims |" in readme and "old" not in readme and "not copied" not in readme
+    assert readme.index("| targets |") < readme.index("| claims |") and readme.endswith("rest\n")
+    with pytest.raises(SystemExit, match="no compare.md"):
+        figures.main("runs/none")
