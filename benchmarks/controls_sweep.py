@@ -39,6 +39,7 @@ def sweep_arm_records(sweep: list[dict], quality: list[dict]) -> list[dict]:
             records.append({"task": task, "arm": arm, "seed": r["seed"], "kept": r.get("target_kept"),
                             "sizes": setting, "accuracy": r["accuracy"], "kept_fraction": r.get("kept_fraction"),
                             "n_train": n_train, "n_eval": r["n_eval"], "machine": r.get("machine"),
+                            "train_seconds": r.get("train_seconds"),
                             "calibration": "unused examples" if arm != "dense" else None,
                             # per-module eval kept fractions: the allocation after calibration
                             **({"allocation": r["per_module"]} if arm == "learned-prior" and r.get("per_module")

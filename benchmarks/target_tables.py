@@ -89,9 +89,15 @@ def targets_section(records: list[dict]) -> list[str]:
             rows.append(setting_row(task, sizes, by_arm(runs + probes)))
     if not rows:
         return ["No setting with kept-0.5 runs yet.", ""]
+    times = [f"{task} ({runs[0]['n_train']} train): {len(runs)} runs, "
+             f"{sum(r.get('train_seconds') or 0.0 for r in runs) / 60:.0f} min"
+             for (task, _), runs in sorted(settings.items())]
     return [f"Learned = `{LEARNED}` (the default rule); cells: mean [95 % interval] (seeds): verdict. A flagged "
             "setting (dense − frozen baseline under 5 points) counts for no claim.", "",
             "| setting | dense − frozen (points) | learned − uniform ≥ +0.5 (kept 0.5) | learned − random ≥ +3 "
             "(kept 0.5) | learned − dense ≥ −0.5 (kept 0.5) | learned − dense includes 0 (kept 0.7) | "
             "largest eval kept − target gap ≤ 0.02 | ρ between seeds ≥ 0.6 (kept 0.5) |",
-            "|---|---|---|---|---|---|---|---|", *rows, ""]
+            "|---|---|---|---|---|---|---|---|", *rows, "",
+            "Training time of each setting's recorded runs (sum of their train seconds, every arm and kept target; "
+            "evaluation and model loading not included; the 2-core CPU machine of the records): "
+            + "; ".join(times) + ".", ""]
