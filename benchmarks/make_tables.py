@@ -362,7 +362,7 @@ def main() -> None:
 
     out += ["## Hitting the target: τ calibration", ""] + calibration_section(sorted(RESULTS.glob("tau_calib*.json")))
     out += calibration_cost_lines(load("calibration_cap.json"), quality)
-    out += ["## Loss-driven rule: λ", ""] + lambda_section(load("lambda_sweep.json"))
+    out += ["## Loss-driven rule: λ", ""] + lambda_section(load("lambda_sweep.json"), controls)
     from vision_tables import vision_section
 
     out += ["## Vision (image positions as tokens)", ""] + vision_section(load("vision.json"))

@@ -254,7 +254,7 @@ def calibration_section(paths: list[Path]) -> list[str]:
     return lines + [""]
 
 
-def lambda_section(records: list[dict]) -> list[str]:
+def lambda_section(records: list[dict], target_runs: list[dict] = ()) -> list[str]:
     """The loss-driven rule's λ → eval kept fraction and accuracy (results/lambda_sweep.json, controls.py with
     `--kept none --rule '{"sparsity_weight": λ}'`)."""
     rows = [r for r in records if r.get("kept") is None and r.get("rule", {}).get("target_kept") is None
@@ -274,7 +274,26 @@ def lambda_section(records: list[dict]) -> list[str]:
         shrink = f"{'on' if r['rule'].get('shrink_curves') else 'off'}, {r['rule']['slope_momentum']:g}"
         lines.append(f"| {r['task']} `{sizes}` | {r['rule']['sparsity_weight']:g} | {shrink} | {r['seed']} | "
                      f"{kept:.3f} | {1 - kept:.3f} | {r['accuracy']:.3f} | {r['commit']} |")
-    return lines + [""]
+    return lines + [""] + target_mode_lines(rows, target_runs)
+
+
+def target_mode_lines(loss_driven: list[dict], target_runs: list[dict]) -> list[str]:
+    """The loss-driven points beside target mode's (learned-prior, τ calibrated on unused examples) of the same task,
+    sizes and seed: accuracy against eval kept, one line per task and seed."""
+    lines = []
+    for task, sizes, seed in sorted({(r["task"], r["sizes"].split(" rule=")[0], r["seed"]) for r in loss_driven}):
+        targets = sorted((r["kept"], r["kept_fraction"], r["accuracy"]) for r in target_runs
+                         if (r["task"], setting_of(r["sizes"]), r["seed"], r["arm"]) == (task, sizes, seed,
+                                                                                          "learned-prior")
+                         and r.get("kept") is not None and calibration_of(r) == "unused")
+        if not targets:
+            continue
+        driven = sorted((r["kept_fraction"], r["accuracy"]) for r in loss_driven
+                        if (r["task"], r["sizes"].split(" rule=")[0], r["seed"]) == (task, sizes, seed))
+        lines += [f"{task}, seed {seed}, accuracy at eval kept: loss-driven "
+                  + ", ".join(f"{k:.2f} → {a:.3f}" for k, a in driven) + "; target mode (learned-prior, same seed) "
+                  + ", ".join(f"{k:.2f} → {a:.3f}" for _, k, a in targets) + ".", ""]
+    return lines
 
 
 def same_seed_lines(records: list[dict], reference: list[dict], label: str) -> list[str]:

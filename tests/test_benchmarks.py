@@ -403,3 +403,16 @@ def test_readme_results_block_comes_from_results_md(tmp_path, monkeypatch):
     assert readme.index("| targets |") < readme.index("| claims |") and readme.endswith("rest\n")
     with pytest.raises(SystemExit, match="no compare.md"):
         figures.main("runs/none")
+
+
+def test_loss_driven_points_sit_beside_target_mode_of_the_same_seed():
+    tau_tables = _load("tau_tables")
+    sizes = "n_train=100 n_eval=50"
+    driven = [{"task": "t", "arm": "learned", "seed": 0, "kept": None, "sizes": f"{sizes} rule={{}}",
+               "kept_fraction": k, "accuracy": a} for k, a in ((0.3, 0.8), (0.5, 0.82))]
+    target = [{"task": "t", "arm": arm, "seed": seed, "kept": 0.5, "sizes": f"{sizes} calibrated-on-unused",
+               "kept_fraction": 0.51, "accuracy": 0.81} for arm, seed in (("learned-prior", 0), ("uniform", 0),
+                                                                          ("learned-prior", 1))]
+    assert tau_tables.target_mode_lines(driven, target) == [
+        "t, seed 0, accuracy at eval kept: loss-driven 0.30 → 0.800, 0.50 → 0.820; target mode (learned-prior, same "
+        "seed) 0.51 → 0.810.", ""]
