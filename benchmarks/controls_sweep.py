@@ -20,7 +20,9 @@ from tau_tables import calibration_of, interval, mean_and_half, setting_of  # no
 # with the prior at κ = 1 (controls.py's learned-prior arm)
 SWEEP_ARMS = {"lora": "dense", "ts-lora": "learned-prior", "ts-lora:uniform": "uniform", "ts-lora:random": "random"}
 ARM_STYLE = {"learned": ("tab:blue", "o"), "learned-prior": ("tab:purple", "D"), "uniform": ("tab:green", "s"),
-             "random": ("tab:red", "^")}
+             "random": ("tab:red", "^"),
+             # diagnostics (pinned_allocation.py): the learned allocation pinned, and its mirror image
+             "fixed-prior": ("tab:olive", "v"), "inverted-prior": ("tab:brown", "x")}
 
 
 def sweep_arm_records(sweep: list[dict], quality: list[dict]) -> list[dict]:
