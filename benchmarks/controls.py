@@ -2,6 +2,8 @@
 
     python benchmarks/controls.py --task sst5 --kept 0.5 --seeds 0,1,2        # resumable: done runs are skipped
     python benchmarks/controls.py --task sst5 --regime                         # probe and dense only
+    python benchmarks/controls.py --task trec --n-train 1000 --epochs 3 --lr 2e-3 --kept 0.3 --seeds 0,1,2,3,4 \
+        --arms learned-prior,fixed-prior,inverted-prior   # does the allocation matter? (pinned_allocation.py)
 
 Tasks: any shipped classification task (`tspeft.tasks.data.TASKS`; sst5, trec and sst_pair were added for this);
 sst5 keeps the split its first records used (2,000 sentences held out, `SST5_HELD_OUT`).
