@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tau_tables import REGIME_MARGIN, mean_and_half  # noqa: E402
+from tau_tables import REGIME_MARGIN, mean_and_half, paired_points  # noqa: E402
 
 WEIGHT_CRITERIA = ("delta_weight_norm", "factor_norm")
 
@@ -48,29 +48,24 @@ def _n_train(sizes: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int]:
-    """Mean and 95 % half-width of a − b over the seeds both have, and how many."""
-    common = sorted(set(a) & set(b))
-    mean, half = mean_and_half([a[s] - b[s] for s in common]) if common else (float("nan"), float("nan"))
-    return mean, half, len(common)
-
-
 def budget_line(model: str, task: str, k: int, n: int, by_seed: dict[str, dict[int, float]],
                 margin: float | None) -> str:
     """The verdict for one budget: learned kept fraction vs the best weight criterion and vs random, paired."""
     means = {c: statistics.fmean(seeds.values()) for c, seeds in by_seed.items()}
     best = max((c for c in WEIGHT_CRITERIA if c in means), key=means.get)
-    vs_weight, vs_random = paired(by_seed["kept_fraction"], by_seed[best]), paired(by_seed["kept_fraction"],
-                                                                                 by_seed["random"])
+    vs_weight = paired_points(by_seed["kept_fraction"], by_seed[best])
+    vs_random = paired_points(by_seed["kept_fraction"], by_seed["random"])
     text = (f"- {model} / {task}, top {k} of {n} modules: learned kept fraction {means['kept_fraction']:.3f}; − best "
             f"weight criterion ({best}, {means[best]:.3f}) {_points(vs_weight)}; − random ({means['random']:.3f}) "
             f"{_points(vs_random)}")
     if "relative_magnitude" in by_seed:  # the gate's other learned statistic
-        vs_weight_r = paired(by_seed["relative_magnitude"], by_seed[best])
+        vs_weight_r = paired_points(by_seed["relative_magnitude"], by_seed[best])
         text += f"; mean r {means['relative_magnitude']:.3f}, − {best} {_points(vs_weight_r)}"
     if margin is None or margin < REGIME_MARGIN:
         why = "no frozen baseline at this size" if margin is None else f"dense − frozen {100 * margin:+.1f} points"
         return text + f". Not in regime ({why}): flagged, no verdict."
+    if vs_weight is None or vs_random is None:
+        return text + ". No seed in common: no verdict."
     low_weight, low_random = vs_weight[0] - vs_weight[1], vs_random[0] - vs_random[1]
     verdict = ("holds (both intervals above 0)" if low_weight > 0 and low_random > 0 else
                "does not hold (the learned ranking is below the weight criterion)" if vs_weight[0] + vs_weight[1] < 0
@@ -78,9 +73,11 @@ def budget_line(model: str, task: str, k: int, n: int, by_seed: dict[str, dict[i
     return text + f". In regime (dense − frozen {100 * margin:+.1f} points): the claim {verdict}."
 
 
-def _points(difference: tuple[float, float, int]) -> str:
+def _points(difference: tuple[float, float, int] | None) -> str:
+    if difference is None:
+        return "– (no seed in common)"
     mean, half, seeds = difference
-    return f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}] points ({seeds} seeds)"
+    return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] points ({seeds} seeds)"
 
 
 def importance_section(records: list[dict], margins: dict[tuple[str, int], float], root: Path) -> list[str]:

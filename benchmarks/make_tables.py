@@ -66,7 +66,7 @@ def majority_of(methods: dict[str, list[dict]]) -> float | None:
 def claim_rows(table: list) -> list[str]:
     """Per task and dense → ts pair: the paired difference over seeds with its 95 % interval; the claim holds when
     30–70 % is discarded and the interval includes 0 or lies above it, on a task in regime only."""
-    from tau_tables import REGIME_MARGIN, mean_and_half
+    from tau_tables import REGIME_MARGIN, paired_points
 
     rows = ["Per task and pair: Δ = accuracy of the token-selective run minus its dense twin of the same seed, mean "
             "[95 % interval] over seeds (points); the claim holds when the discarded share is within 30–70 % (to the "
@@ -83,15 +83,14 @@ def claim_rows(table: list) -> list[str]:
         for dense, gated in PAIRS:
             if dense not in methods or gated not in methods:
                 continue
-            dense_by_seed = {r["seed"]: r["accuracy"] for r in methods[dense]}
-            differences = [100 * (r["accuracy"] - dense_by_seed[r["seed"]]) for r in methods[gated]
-                           if r["seed"] in dense_by_seed]
+            difference = paired_points({r["seed"]: r["accuracy"] for r in methods[gated]},
+                                       {r["seed"]: r["accuracy"] for r in methods[dense]})
+            mean, half, seeds = difference or (float("nan"), float("nan"), 0)
             kept = [r["kept_fraction"] for r in methods[gated] if r.get("kept_fraction") is not None]
             discarded = 1 - statistics.fmean(kept) if kept else float("nan")
-            mean, half = mean_and_half(differences) if differences else (float("nan"), float("nan"))
-            delta = (f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] ({len(differences)})"
-                     if len(differences) > 1 else f"{mean:+.1f} ({len(differences)})")
-            holds = 0.28 <= discarded <= 0.72 and len(differences) > 1 and mean + half >= 0
+            delta = (f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] ({seeds})" if seeds > 1
+                     else f"{mean:+.1f} ({seeds})")
+            holds = 0.28 <= discarded <= 0.72 and seeds > 1 and mean + half >= 0
             in_regime = margin is not None and margin >= REGIME_MARGIN
             verdict = ("yes" if holds else "no") if in_regime else "flagged: " + ("yes" if holds else "no")
             regime = "–" if margin is None else f"{100 * margin:+.1f}"
@@ -338,14 +337,15 @@ def main() -> None:
     out += ["## Which tokens are kept", ""] + token_section(quality)
     from importance_tables import importance_section, regime_margins
 
-    margins = regime_margins(load("controls.json"), quality)
+    controls_runs = load("controls.json")
+    margins = regime_margins(controls_runs, quality)
     out += ["## Module importance: budgeted module selection", ""] + importance_section(load("importance.json"),
                                                                                       margins, ROOT)
     from controls_sweep import sweep_arm_records
     from controls_sweep import sweep_section as controls_sweep_section
     from tau_tables import calibration_section, controls_section, diagnosis_section, lambda_section, same_seed_lines
 
-    controls = load("controls.json") + sweep_arm_records(sweep, quality)
+    controls = controls_runs + sweep_arm_records(sweep, quality)
     out += ["## τ rule vs controls", ""] + controls_section(controls)
     out += ["## τ rule vs controls: accuracy vs kept", ""] + controls_sweep_section(controls, ROOT)
     from target_tables import targets_section

@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from tau_tables import REGIME_MARGIN, calibration_of, mean_and_half, mean_rho, setting_of
+from tau_tables import REGIME_MARGIN, calibration_of, mean_rho, paired_points, setting_of
 
 LEARNED = "learned-prior"
 FLOORS = {"uniform": 0.5, "random": 3.0, "dense": -0.5}  # kept 0.5: learned − arm ≥ floor (points)
@@ -28,12 +28,9 @@ def by_arm(runs: list[dict]) -> dict:
     return arms
 
 
-def paired_points(a: dict, b: dict) -> tuple[float, float, int] | None:
-    common = sorted(set(a) & set(b))
-    if not common:
-        return None
-    mean, half = mean_and_half([100 * (a[s]["accuracy"] - b[s]["accuracy"]) for s in common])
-    return mean, half, len(common)
+def accuracies(seeds: dict) -> dict:
+    """{seed: record} -> {seed: accuracy}."""
+    return {seed: r["accuracy"] for seed, r in seeds.items()}
 
 
 def floor_cell(difference, floor: float) -> str:
@@ -63,9 +60,10 @@ def setting_row(task: str, sizes: str, arms: dict) -> str:
               if dense and probes else None)
     regime = ("no frozen baseline" if margin is None else f"{100 * margin:+.1f}" +
               ("" if margin >= REGIME_MARGIN else ": flagged"))
-    cells = [floor_cell(paired_points(learned, arms.get((arm, None if arm == "dense" else 0.5), {})), floor)
+    cells = [floor_cell(paired_points(accuracies(learned),
+                                      accuracies(arms.get((arm, None if arm == "dense" else 0.5), {}))), floor)
              for arm, floor in FLOORS.items()]
-    cells.append(interval_cell(paired_points(arms.get((LEARNED, 0.7), {}), dense)))
+    cells.append(interval_cell(paired_points(accuracies(arms.get((LEARNED, 0.7), {})), accuracies(dense))))
     off = [abs(r["kept_fraction"] - kept) for (arm, kept), seeds in arms.items() if kept is not None
            for r in seeds.values() if r.get("kept_fraction") is not None]
     cells.append(f"{max(off):.3f} ({len(off)} runs): " + ("met" if max(off) <= 0.02 else "missed") if off else "–")

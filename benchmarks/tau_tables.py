@@ -46,6 +46,16 @@ def mean_and_half(values: list[float]) -> tuple[float, float]:
     return mean, T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def paired_points(a: dict, b: dict) -> tuple[float, float, int] | None:
+    """a − b over the seeds both have ({seed: accuracy}), in accuracy points: mean, 95 % half-width and how many
+    seeds; None when no seed is common."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    mean, half = mean_and_half([100 * (a[s] - b[s]) for s in common])
+    return mean, half, len(common)
+
+
 def interval(differences: list[float]) -> str:
     """Mean difference in points with its 95 % t-interval over seeds."""
     mean, half = mean_and_half(differences)
