@@ -100,10 +100,11 @@ def allocation_lines(learned: dict, kept: float, arm: str = "learned") -> list[s
                   f"{mean_rho({s: r['allocation'] for s, r in runs.items()}):.2f} over {pairs} pairs "
                   "(target ≥ 0.6).", ""]
     if runs:
-        ranges = "; ".join(f"{min(r['allocation'].values()):.2f}–{max(r['allocation'].values()):.2f}"
-                           for r in runs.values())
+        ranges = "; ".join(f"seed {s} {min(r['allocation'].values()):.2f}–{max(r['allocation'].values()):.2f}"
+                           for s, r in runs.items())
         spread = statistics.fmean(statistics.pstdev(r["allocation"].values()) for r in runs.values())
-        lines += [f"Per-module u of {arm} at kept {kept}: std {spread:.3f} across modules, range {ranges}.", ""]
+        lines += [f"Per-module u of {arm} at kept {kept}: std {spread:.3f} across modules (mean over seeds), "
+                  f"range {ranges}.", ""]
         by_layer = layer_means(list(runs.values()))
         if by_layer:
             lines += [f"Mean u of {arm} at kept {kept} by layer (over modules and seeds): "
